@@ -1,0 +1,258 @@
+"""Networks whose gradients are written by hand: the single neuron and its deeper generalisation.
+
+Both hold ``nn.Linear`` layers and share one backward pass (:class:`HandBackprop`): the single neuron is the
+network with no hidden layer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from neuron_torch import layers
+
+Init = Literal["zeros", "normal", "xavier", "he"]
+ActivationName = Literal["relu", "tanh", "sigmoid", "leaky_relu"]
+
+
+class BackwardPass(NamedTuple):
+    """What one forward and backward pass over a batch yields."""
+
+    loss: Tensor  # shape (), mean cross-entropy plus the L2 penalty
+    gradients: dict[str, Tensor]  # keyed like named_parameters()
+    Z: list[Tensor]  # pre-activations of each layer, (m, n_l)
+
+
+class HandBackprop(nn.Module):
+    """Forward and hand-written backward pass over a stack of ``nn.Linear`` layers.
+
+    Hidden layers apply ``activation``; the output layer is one sigmoid unit trained on the mean binary
+    cross-entropy. Subclasses define :attr:`linears`, the layers in order.
+
+    Parameters
+    ----------
+    activation : {"relu", "tanh", "sigmoid", "leaky_relu"}
+        The hidden layers' activation ``g``.
+    l2 : float
+        Weight of the penalty ``(λ/2)·Σ‖W‖²`` added to the loss (biases are not penalised).
+    """
+
+    linears: Sequence[nn.Linear]
+
+    def __init__(self, activation: ActivationName = "relu", l2: float = 0.0):
+        super().__init__()
+        if activation not in layers.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(layers.ACTIVATIONS)}, got {activation!r}")
+        if l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {l2}")
+        self.activation = activation
+        self.l2 = float(l2)
+
+    def forward(self, X: Tensor) -> Tensor:
+        """Probability of the positive class.
+
+        Parameters
+        ----------
+        X : Tensor, shape (m, n_features)
+
+        Returns
+        -------
+        A : Tensor, shape (m, 1)
+        """
+        return layers.sigmoid(self.logits(X))
+
+    def logits(self, X: Tensor) -> Tensor:
+        """Pre-activation ``Z`` of the output unit, shape (m, 1)."""
+        g = layers.ACTIVATIONS[self.activation].forward
+        A = X
+        for layer in self.linears[:-1]:
+            A = g(layers.linear_forward(A, layer.weight, layer.bias))  # (m, n_l)
+        out = self.linears[-1]
+        return layers.linear_forward(A, out.weight, out.bias)  # (m, 1)
+
+    @torch.no_grad()
+    def forward_backward(self, X: Tensor, Y: Tensor) -> BackwardPass:
+        """Loss and hand-written gradients of every parameter; no autograd graph is built.
+
+        Parameters
+        ----------
+        X : Tensor, shape (m, n_features)
+        Y : Tensor, shape (m, 1)
+            Labels in {0, 1}, same dtype as ``X``.
+
+        Returns
+        -------
+        BackwardPass
+        """
+        act = layers.ACTIVATIONS[self.activation]
+        linears = list(self.linears)
+        # forward, caching each layer's input A_prev and pre-activation Z
+        A, A_prevs, Zs = X, [], []
+        for i, layer in enumerate(linears):
+            A_prevs.append(A)
+            Z = layers.linear_forward(A, layer.weight, layer.bias)  # (m, n_l)
+            Zs.append(Z)
+            A = act.forward(Z) if i < len(linears) - 1 else layers.sigmoid(Z)
+        loss = layers.bce_from_logits(Zs[-1], Y) + layers.l2_penalty([l.weight for l in linears], self.l2)
+
+        # backward: the output's sigmoid + cross-entropy give dZ = A − Y; then each layer down
+        grads: dict[str, Tensor] = {}
+        dZ = layers.bce_backward(A, Y)  # (m, 1)
+        for i in reversed(range(len(linears))):
+            layer = linears[i]
+            dW, db = layers.linear_backward(dZ, A_prevs[i])  # (n_l, n_{l-1}), (n_l,)
+            grads[self._names[i] + "weight"] = layers.l2_backward(dW, layer.weight, self.l2)
+            grads[self._names[i] + "bias"] = db
+            if i > 0:
+                dA_prev = layers.linear_backward_input(dZ, layer.weight)  # (m, n_{l-1})
+                dZ = act.backward(dA_prev, Zs[i - 1], A_prevs[i])  # A_prevs[i] = g(Z_{i-1})
+        ordered = {name: grads[name] for name, _ in self.named_parameters()}
+        return BackwardPass(loss, ordered, Zs)
+
+    def gradients(self, X: Tensor, Y: Tensor) -> dict[str, Tensor]:
+        """Hand-written gradients of the mean binary cross-entropy (plus L2).
+
+        Parameters
+        ----------
+        X : Tensor, shape (m, n_features)
+        Y : Tensor, shape (m, 1)
+
+        Returns
+        -------
+        dict of str to Tensor
+            Keyed exactly like :meth:`named_parameters`, each gradient shaped like its parameter.
+        """
+        return self.forward_backward(X, Y).gradients
+
+    def loss(self, X: Tensor, Y: Tensor) -> Tensor:
+        """Mean binary cross-entropy plus the L2 penalty, shape ()."""
+        with torch.no_grad():
+            penalty = layers.l2_penalty([layer.weight for layer in self.linears], self.l2)
+            return layers.bce_from_logits(self.logits(X), Y) + penalty
+
+    @property
+    def _names(self) -> list[str]:
+        """The ``named_parameters`` prefix of each layer, in order (``"linear."``, ``"layers.0."``, ...)."""
+        by_id = {id(mod): name for name, mod in self.named_modules()}
+        return [by_id[id(layer)] + "." for layer in self.linears]
+
+    # --- what the tracker records each update -------------------------------------------------------------
+
+    def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
+        """Names of the values :meth:`tracked_values` returns: per layer, ``layer<l>/weight_norm``,
+        ``layer<l>/grad_norm`` and, for ReLU hidden layers, ``layer<l>/dead_relu``."""
+        names = []
+        for i in range(len(self.linears)):
+            names += [f"layer{i + 1}/weight_norm", f"layer{i + 1}/grad_norm"]
+            if self._tracks_dead_units(i):
+                names.append(f"layer{i + 1}/dead_relu")
+        return names
+
+    def tracked_values(self, bp: BackwardPass) -> Tensor:
+        """The values named by :meth:`tracked_names`, as one row on the parameters' device."""
+        values = []
+        for i, (name, layer) in enumerate(zip(self._names, self.linears)):
+            values += [layer.weight.norm(), bp.gradients[name + "weight"].norm()]
+            if self._tracks_dead_units(i):
+                # a unit is dead on this batch when Z ≤ 0 for every sample: it passes no gradient back
+                values.append((bp.Z[i] <= 0).all(0).to(layer.weight.dtype).mean())
+        return torch.stack(values)
+
+    def _tracks_dead_units(self, i: int) -> bool:
+        return self.activation == "relu" and i < len(self.linears) - 1
+
+    def reset_parameters(self, init: Init, generator: torch.Generator | None = None) -> None:
+        """Initialise every layer: zeros (the seed recipe), N(0, 0.01²), Xavier/Glorot uniform or He normal."""
+        for layer in self.linears:
+            nn.init.zeros_(layer.bias)
+            if init == "zeros":
+                nn.init.zeros_(layer.weight)
+            elif init == "normal":
+                nn.init.normal_(layer.weight, 0.0, 0.01, generator=generator)
+            elif init == "xavier":
+                nn.init.xavier_uniform_(layer.weight, generator=generator)
+            elif init == "he":
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu", generator=generator)
+            else:
+                raise ValueError(f"init must be one of zeros, normal, xavier, he; got {init!r}")
+
+
+class SingleNeuron(HandBackprop):
+    """Logistic regression as one sigmoid neuron: ``A = σ(X·wᵀ + b)``.
+
+    Parameters
+    ----------
+    n_features : int
+        Number of input features ``n``; ``self.linear`` is ``nn.Linear(n, 1)``.
+    init : {"zeros", "normal", "xavier", "he"}
+        Weight initialisation; zeros is the classic recipe and is safe for a single neuron.
+    l2 : float
+        L2 penalty ``(λ/2)·‖w‖²`` added to the loss and gradients.
+    generator : torch.Generator, optional
+        Source of randomness for the random initialisations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neuron_torch import SingleNeuron
+    >>> neuron = SingleNeuron(3)
+    >>> X, Y = torch.randn(5, 3), torch.ones(5, 1)
+    >>> sorted(neuron.gradients(X, Y))
+    ['linear.bias', 'linear.weight']
+    """
+
+    def __init__(self, n_features: int, init: Init = "zeros", l2: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__(activation="sigmoid", l2=l2)
+        self.linear = nn.Linear(n_features, 1)
+        self.reset_parameters(init, generator)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [self.linear]
+
+    def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
+        """``b`` then one ``w/<feature name>`` per weight."""
+        return ["b"] + [f"w/{name}" for name in feature_names]
+
+    def tracked_values(self, bp: BackwardPass) -> Tensor:
+        return torch.cat([self.linear.bias, self.linear.weight[0]])  # (1 + n,)
+
+
+class DeepNetwork(HandBackprop):
+    """An L-layer network: hidden ``nn.Linear`` layers with activation ``g``, then one sigmoid output unit.
+
+    Parameters
+    ----------
+    n_features : int
+        Number of input features.
+    hidden_sizes : sequence of int
+        Width of each hidden layer, in order; empty gives the single neuron (under the name ``layers.0``).
+    activation : {"relu", "tanh", "sigmoid", "leaky_relu"}
+        Hidden activation.
+    init : {"he", "xavier", "normal", "zeros"}
+        Weight initialisation; zeros is refused with hidden layers, where every unit of a layer would stay
+        identical (the symmetry is never broken).
+    l2 : float
+        L2 penalty ``(λ/2)·Σ‖W‖²`` over all weight matrices.
+    generator : torch.Generator, optional
+        Source of randomness for the initialisation.
+    """
+
+    def __init__(self, n_features: int, hidden_sizes: Sequence[int] = (), activation: ActivationName = "relu",
+                 init: Init = "he", l2: float = 0.0, generator: torch.Generator | None = None):
+        super().__init__(activation=activation, l2=l2)
+        sizes = [n_features, *hidden_sizes, 1]
+        if any(int(s) < 1 for s in sizes):
+            raise ValueError(f"layer sizes must be >= 1, got {sizes}")
+        if init == "zeros" and hidden_sizes:
+            raise ValueError("init='zeros' cannot train hidden layers: every unit of a layer gets the same "
+                             "gradient, so they stay identical; use 'he', 'xavier' or 'normal'")
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.reset_parameters(init, generator)
+
+    @property
+    def linears(self) -> nn.ModuleList:
+        return self.layers
