@@ -1,0 +1,166 @@
+"""Command line: ``python train.py`` / ``neuron-torch train``, configured by LightningCLI (jsonargparse)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from neuron_torch.data import DataError, NeuronDataModule
+from neuron_torch.module import LossProgressBar, NeuronModule
+
+log = logging.getLogger("neuron_torch")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
+SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
+
+
+@dataclass
+class MLflowSettings:
+    """Where and how a run is tracked.
+
+    Parameters
+    ----------
+    tracking_uri : str, optional
+        Store URI; ``MLFLOW_TRACKING_URI`` wins when set; default ``sqlite:///mlflow.db``.
+    experiment : str
+        Experiment name (created when missing).
+    run_name : str, optional
+        Run name; MLflow picks one when unset.
+    log_every_n_steps : int
+        Cadence of the per-update metrics (``train/loss``, ``b``, ``w/<feature>``, ...); the trajectory
+        artifact keeps every update.
+    max_weight_metrics : int
+        How many ``w/<feature>`` metrics a wide table gets (the first in column order).
+    """
+
+    tracking_uri: Optional[str] = None
+    experiment: str = "neuron_torch"
+    run_name: Optional[str] = None
+    log_every_n_steps: int = 10
+    max_weight_metrics: int = 100
+
+
+class NeuronCLI(LightningCLI):
+    """LightningCLI with the ``mlflow`` section and the data's feature names linked into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(MLflowSettings, "mlflow")
+        # the model's size comes from the table: reading it here checks the data before any run exists
+        parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
+
+
+def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
+    """Parse the command line and configs, seed, and instantiate data, model and Trainer."""
+    return NeuronCLI(
+        NeuronModule, NeuronDataModule,
+        run=False,  # train() below drives fit and test, inside an MLflow run
+        args=args,
+        save_config_callback=None,  # the resolved config goes to the MLflow run instead of log_dir
+        auto_configure_optimizers=False,  # the update rules are the model's own, chosen by model.update_rule
+        seed_everything_default=0,
+        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else [],
+                       "description": "Train a hand-written sigmoid neuron (or deeper network), "
+                                      "tracked in MLflow."},
+        trainer_defaults={
+            "logger": False,  # tracking is MLflow's, through neuron_torch.tracking
+            "check_val_every_n_epoch": None,  # training is one long epoch: validate every N steps
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "callbacks": [LossProgressBar(refresh_rate=25)],
+        },
+    )
+
+
+def train(args: Optional[list[str]] = None) -> int:
+    """Config → seed → data → model → tracking → fit → test → summary. Returns the exit code."""
+    _setup_logging()
+
+    # config, seed, data (read and checked), model and trainer, all before an MLflow run exists
+    try:
+        cli = build_cli(args)
+    except (DataError, ValueError) as err:
+        return _user_error(err)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    settings: MLflowSettings = cli.config_init.mlflow
+    if str(trainer.precision) not in SUPPORTED_PRECISION:
+        return _user_error(f"trainer.precision must be 32-true (float32) or 64-true (float64), "
+                           f"got {trainer.precision}")
+    if trainer.max_steps is None or trainer.max_steps < 1:
+        return _user_error("trainer.max_steps must be >= 1: training is one stream of updates")
+
+    # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
+    from neuron_torch import tracking  # imports MLflow, which --help and config errors need not wait for
+
+    uri = tracking.resolve_tracking_uri(settings.tracking_uri)
+    tags = {"data": data.table_source, "network": type(model.net).__name__}
+    try:
+        with tracking.TrackedRun(uri, settings.experiment, settings.run_name, tags) as run:
+            run.log_params(_flat_config(cli))
+            run.log_text(cli.parser.dump(cli.config, skip_none=False), "config.yaml")
+            trainer.callbacks.append(tracking.MLflowTracking(run, settings.log_every_n_steps,
+                                                             settings.max_weight_metrics))
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
+                trainer.checkpoint_callback.dirpath = str(Path("checkpoints") / run.run_id)
+
+            trainer.fit(model, datamodule=data)
+            results = trainer.test(model, datamodule=data, verbose=False)[0]
+
+            run.log_text(tracking.weight_table(model).to_csv(index=False), "weights.csv")
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+                run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
+    except SystemExit:
+        if getattr(run, "status", None) == "KILLED":
+            print(f"\ninterrupted: run {run.run_id} was marked KILLED, with everything logged so far",
+                  file=sys.stderr)
+            return 130
+        raise
+
+    _summary(run, uri, results, model)
+    return 0
+
+
+def _flat_config(cli: NeuronCLI) -> dict[str, object]:
+    """Every resolved config key, dotted (``model.learning_rate``), for MLflow params."""
+    flat = vars(cli.config.clone().as_flat())
+    flat.pop("config", None)
+    return {key: value for key, value in sorted(flat.items())}
+
+
+def _summary(run, uri: str, results: dict[str, float], model: NeuronModule) -> None:
+    lines = ["", f"run {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}"]
+    steps = model.global_step
+    converged = f", converged (gradient norm < tol) at step {model.converged_at}" if model.converged_at else ""
+    lines.append(f"  {steps} updates{converged}")
+    for key in sorted(results):
+        lines.append(f"  {key:<16} {results[key]:.4f}")
+    ui = "mlflow ui" if uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {uri}"
+    lines.append(f"see it with: {ui}   (then open http://127.0.0.1:5000)")
+    print("\n".join(lines))
+
+
+def _user_error(err: Exception | str) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main() -> None:
+    """The ``neuron-torch`` console script: ``neuron-torch train [options]``."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    sys.exit(train(argv))

@@ -1,0 +1,367 @@
+"""The data: tables from files or generators, validated, split, standardised and placed on the device once."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger("neuron_torch")
+
+Dataset = Literal["breast_cancer", "synthetic", "moons", "circles", "xor"]
+
+
+class DataError(ValueError):
+    """A problem with the user's data, told in one line (file, column, row where it applies)."""
+
+
+@dataclass
+class Table:
+    """Features and binary labels, before any split."""
+
+    X: np.ndarray  # (m, n) float64
+    y: np.ndarray  # (m,) float64 in {0, 1}
+    feature_names: list[str]
+    source: str  # where the rows came from, for messages and the run's tags
+    classes: tuple[str, str] = ("0", "1")  # the label values mapped to 0 and to 1
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+
+def breast_cancer() -> Table:
+    """scikit-learn's breast-cancer table (569 × 30); label 1 is benign, as scikit-learn has it."""
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), list(bunch.feature_names),
+                 "breast_cancer", tuple(bunch.target_names))
+
+
+def generated(dataset: str, n_samples: int, n_features: int, noise: float, seed: int) -> Table:
+    """Seeded synthetic tables: ``make_classification`` style, two moons, circles, or XOR quadrants."""
+    from sklearn import datasets
+
+    if n_samples < 1 or n_features < 1:
+        raise DataError(f"data.n_samples and data.n_features must be >= 1, got {n_samples} and {n_features}")
+    rng = np.random.default_rng(seed)
+    if dataset == "synthetic":
+        informative = max(1, min(n_features, n_features // 2 + 1))
+        X, y = datasets.make_classification(n_samples, n_features, n_informative=informative,
+                                            n_redundant=0, flip_y=0.01, random_state=seed)
+    elif dataset == "moons":
+        X, y = datasets.make_moons(n_samples, noise=noise, random_state=seed)
+    elif dataset == "circles":
+        X, y = datasets.make_circles(n_samples, noise=noise, factor=0.5, random_state=seed)
+    else:  # xor: the label is whether the two coordinates have the same sign
+        X = rng.uniform(-1, 1, size=(n_samples, 2))
+        y = (X[:, 0] * X[:, 1] > 0).astype(np.float64)
+        X = X + noise * rng.standard_normal(X.shape)
+    names = [f"x{i}" for i in range(X.shape[1])]
+    return Table(X.astype(np.float64), y.astype(np.float64), names, dataset)
+
+
+def read_table(path: str, target: Optional[str], positive_label: Optional[str] = None,
+               features: Optional[list[str]] = None) -> Table:
+    """Read a CSV or Parquet file into features and 0/1 labels, rejecting what cannot be trained on.
+
+    Parameters
+    ----------
+    path : str
+        A ``.csv`` (or ``.tsv``/``.txt``) or ``.parquet``/``.pq`` file with a header row.
+    target : str
+        The label column; it must hold exactly two distinct values.
+    positive_label : str, optional
+        Which label value becomes 1. Default: 1 for 0/1 labels, True for booleans, otherwise the larger
+        value in sorted order.
+    features : list of str, optional
+        Feature columns to use; default every column but ``target``.
+
+    Raises
+    ------
+    DataError
+        With a one-line message naming the file, column and row (1-based, counting data rows).
+    """
+    import pandas as pd
+
+    file = Path(path)
+    if target is None:
+        raise DataError(f"{path}: set --data.target to the label column")
+    if not file.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = file.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(file)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            frame = pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",")
+        else:
+            raise DataError(f"{path}: unknown file type {suffix!r}; use .csv or .parquet")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {str(err).splitlines()[0]}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    if len(frame) == 0:
+        raise DataError(f"{path}: the table has a header but no rows")
+    if target not in frame.columns:
+        raise DataError(f"{path}: no column {target!r} (columns: {_listing(frame.columns)})")
+    if features is None:
+        features = [c for c in frame.columns if c != target]
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {_listing(frame.columns)})")
+    if target in features:
+        raise DataError(f"{path}: column {target!r} is the target and cannot also be a feature")
+    if not features:
+        raise DataError(f"{path}: no feature columns besides the target {target!r}")
+
+    X = np.empty((len(frame), len(features)), dtype=np.float64)
+    for j, name in enumerate(features):
+        X[:, j] = _numeric_column(frame[name], path, name)
+    y, classes = _binary_labels(frame[target], path, target, positive_label)
+    return Table(X, y, list(features), str(path), classes)
+
+
+def _numeric_column(column, path: str, name: str) -> np.ndarray:
+    import pandas as pd
+
+    if column.dtype == bool:
+        column = column.astype(np.float64)
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raw = column.iloc[row]
+        if pd.isna(raw):
+            what = "missing value"
+        elif isinstance(raw, str) and np.isnan(values[row]):
+            what = f"{raw!r} is not a number"
+        else:
+            what = f"non-finite value {raw!r}"
+        raise DataError(f"{path}: column {name!r}, row {row + 1}: {what}")
+    return values
+
+
+def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) -> tuple[np.ndarray, tuple]:
+    import pandas as pd
+
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"{path}: column {name!r}, row {int(np.argmax(missing)) + 1}: missing label")
+    values = list(pd.unique(column))
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating, bool, np.bool_)) for v in values)
+    values.sort(key=float if numeric else str)
+    if len(values) != 2:
+        raise DataError(f"{path}: column {name!r} has {len(values)} distinct label value"
+                        f"{'s' if len(values) != 1 else ''} ({_listing(values)}); exactly 2 are needed")
+    if positive_label is None:
+        positive = values[1]  # 1 of 0/1, True of booleans, the larger value otherwise
+    else:
+        matches = [v for v in values if str(v) == str(positive_label)
+                   or (numeric and _as_float(positive_label) == float(v))]
+        if not matches:
+            raise DataError(f"{path}: data.positive_label {positive_label!r} is not a value of column "
+                            f"{name!r} ({_listing(values)})")
+        positive = matches[0]
+    negative = values[0] if positive is values[1] or positive == values[1] else values[1]
+    y = (column == positive).to_numpy(dtype=np.float64)
+    return y, (str(negative), str(positive))
+
+
+def _as_float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _listing(values, limit: int = 8) -> str:
+    shown = [str(v) for v in list(values)[:limit]]
+    return ", ".join(shown) + (", ..." if len(values) > limit else "")
+
+
+# --- what training iterates over -------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """An endless stream of training batches cut from tensors that already sit on the device.
+
+    Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
+    ``batch_size``, each pass over the rows follows a fresh seeded permutation. The stream is one long epoch,
+    so the Trainer's ``max_steps`` sets the number of updates. It is stateful: a resumed run continues the
+    batch sequence where it stopped.
+    """
+
+    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0):
+        self.X, self.Y, self.seed = X, Y, seed
+        m = X.shape[0]
+        self.batch_size = m if batch_size is None or batch_size >= m else batch_size
+        self.batches_per_pass = math.ceil(m / self.batch_size)
+        self.position = 0  # batches handed out so far
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.batch_size == self.X.shape[0]:
+            while True:
+                self.position += 1
+                yield self.X, self.Y
+        while True:
+            n_pass, start = divmod(self.position, self.batches_per_pass)
+            order = self._permutation(n_pass)
+            for k in range(start, self.batches_per_pass):
+                rows = order[k * self.batch_size:(k + 1) * self.batch_size]
+                self.position += 1
+                yield self.X[rows], self.Y[rows]
+
+    def _permutation(self, n_pass: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n_pass)
+        return torch.randperm(self.X.shape[0], generator=generator).to(self.X.device)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class SingleBatch:
+    """A loader of exactly one batch (a whole split), for validation and test."""
+
+    def __init__(self, X: Tensor, Y: Tensor):
+        self.batch = (X, Y)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        yield self.batch
+
+    def __len__(self) -> int:
+        return 1
+
+
+# --- the LightningDataModule -------------------------------------------------------------------------------------
+
+
+class NeuronDataModule(L.LightningDataModule):
+    """Binary-classification data for the hand-written networks.
+
+    The table is read, checked, split and standardised once, when first needed (the model's
+    ``feature_names`` is linked to it, so that happens before any run is created); the splits are moved to
+    the model's device and dtype once, when the Trainer asks for the loaders.
+
+    Parameters
+    ----------
+    dataset : {"breast_cancer", "synthetic", "moons", "circles", "xor"}
+        Built-in table, used when ``path`` is not given.
+    path : str, optional
+        A CSV or Parquet file; feature names are its column names.
+    target : str, optional
+        The label column of ``path`` (exactly two distinct values).
+    positive_label : str, optional
+        The label value mapped to 1; default 1 for 0/1 labels, else the larger value in sorted order.
+    features : list of str, optional
+        The feature columns of ``path``; default all but ``target``.
+    n_samples, n_features : int
+        Size of the generated tables (``moons``, ``circles`` and ``xor`` have 2 features).
+    noise : float
+        Noise of ``moons``, ``circles`` and ``xor``.
+    val_fraction, test_fraction : float
+        Shares of the rows held out, drawn by a seeded permutation.
+    seed : int
+        Seed of the generated tables, the split and the mini-batch order.
+    standardize : bool
+        Scale features to zero mean, unit variance with statistics of the training split only.
+    batch_size : int, optional
+        Rows per update; ``None`` is full-batch gradient descent.
+    """
+
+    def __init__(self, dataset: Dataset = "breast_cancer", path: Optional[str] = None,
+                 target: Optional[str] = None, positive_label: Optional[str] = None,
+                 features: Optional[list[str]] = None, n_samples: int = 1000, n_features: int = 20,
+                 noise: float = 0.2, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
+                 standardize: bool = True, batch_size: Optional[int] = None):
+        super().__init__()
+        self.save_hyperparameters()
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < frac < 1:
+                raise DataError(f"data.{name} must be between 0 and 1, got {frac}")
+        if val_fraction + test_fraction >= 1:
+            raise DataError("data.val_fraction + data.test_fraction must be < 1: nothing is left to train on")
+        if batch_size is not None and batch_size < 1:
+            raise DataError(f"data.batch_size must be >= 1 (or null for full batch), got {batch_size}")
+        self._splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None
+
+    # the table, split and standardised (float64, CPU), computed once
+    def prepare(self) -> None:
+        if self._splits is not None:
+            return
+        hp = self.hparams
+        if hp.path is not None:
+            table = read_table(hp.path, hp.target, hp.positive_label, hp.features)
+        elif hp.dataset == "breast_cancer":
+            table = breast_cancer()
+        else:
+            table = generated(hp.dataset, hp.n_samples, hp.n_features, hp.noise, hp.seed)
+        self.table_source, self.classes = table.source, table.classes
+        self._feature_names = table.feature_names
+
+        m = len(table.y)
+        n_val, n_test = math.ceil(m * hp.val_fraction), math.ceil(m * hp.test_fraction)
+        if m - n_val - n_test < 1:
+            raise DataError(f"{table.source}: {m} row{'s' if m != 1 else ''} cannot be split into train, "
+                            f"val ({hp.val_fraction}) and test ({hp.test_fraction}) with a row in each")
+        order = np.random.default_rng(hp.seed).permutation(m)
+        parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+
+        X_train = table.X[parts["train"]]
+        self.mean = X_train.mean(0) if hp.standardize else np.zeros(X_train.shape[1])
+        self.std = X_train.std(0) if hp.standardize else np.ones(X_train.shape[1])
+        constant = np.flatnonzero(self.std == 0)
+        if constant.size:
+            raise DataError(f"{table.source}: column {table.feature_names[constant[0]]!r} is constant on the "
+                            "training split and cannot be standardised; drop it (data.features) or set "
+                            "data.standardize false")
+        self._splits = {
+            name: (torch.from_numpy((table.X[rows] - self.mean) / self.std),
+                   torch.from_numpy(table.y[rows]).unsqueeze(1))
+            for name, rows in parts.items()
+        }
+        log.info("data: %s, %d features; train/val/test %d/%d/%d rows; label 1 = %r, 0 = %r",
+                 table.source, len(self._feature_names), len(parts["train"]), n_val, n_test,
+                 table.classes[1], table.classes[0])
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the features, in column order (reads the table on first use)."""
+        self.prepare()
+        return list(self._feature_names)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The standardised ``(X, Y)`` of split ``name`` ("train", "val" or "test"), float64 on the CPU."""
+        self.prepare()
+        return self._splits[name]
+
+    def setup(self, stage: str) -> None:
+        self.prepare()
+
+    def _placed(self, name: str) -> tuple[Tensor, Tensor]:
+        """Split ``name`` in the model's dtype, on the model's device (moved once, not per step)."""
+        param = next(self.trainer.lightning_module.parameters())
+        X, Y = self.split(name)
+        return X.to(param.device, param.dtype), Y.to(param.device, param.dtype)
+
+    def train_dataloader(self) -> BatchStream:
+        return BatchStream(*self._placed("train"), batch_size=self.hparams.batch_size, seed=self.hparams.seed)
+
+    def val_dataloader(self) -> SingleBatch:
+        return SingleBatch(*self._placed("val"))
+
+    def test_dataloader(self) -> SingleBatch:
+        return SingleBatch(*self._placed("test"))

@@ -1,0 +1,288 @@
+"""MLflow tracking: the run's life cycle, metrics written in large batches off the training thread, artifacts.
+
+Per-update values stay on the device in a buffer of ``chunk`` rows; a full buffer is copied to the host in
+one transfer and handed to a writer thread, which appends it to the full-resolution trajectory (Parquet)
+and sends the metrics to MLflow in batches of up to 1,000 values. Training never waits on the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger("neuron_torch")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow ui` reads it with no flags
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(configured: Optional[str]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else MLflow's default sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+
+
+class MetricWriter:
+    """Sends metrics and trajectory rows to one MLflow run from a background thread.
+
+    Parameters
+    ----------
+    client : mlflow.MlflowClient
+    run_id : str
+    folder : Path
+        Where the trajectory Parquet file is written before it is uploaded.
+    """
+
+    def __init__(self, client, run_id: str, folder: Path):
+        self.client, self.run_id, self.folder = client, run_id, folder
+        self._queue: queue.Queue = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._trajectory = None  # pyarrow.parquet.ParquetWriter, opened with the first rows
+        self._columns: list[str] = []
+        self._metric_columns: list[int] = []
+        self._every = 1
+        self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    # --- called from the training thread ------------------------------------------------------------------
+
+    def set_columns(self, names: list[str], metric_columns: list[int], every: int) -> None:
+        """Name the trajectory's columns; ``metric_columns`` of them also go to MLflow every ``every`` steps."""
+        self._queue.put(("columns", (names, metric_columns, every)))
+
+    def log_rows(self, steps: np.ndarray, rows: np.ndarray) -> None:
+        """Queue trajectory rows: ``steps`` (k,) and ``rows`` (k, len(names))."""
+        self._queue.put(("rows", (steps, rows)))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._queue.put(("metrics", (metrics, step)))
+
+    def close(self) -> Optional[Path]:
+        """Write everything queued, wait for it, and return the trajectory file (None if no rows came)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.folder / "trajectory.parquet" if self._trajectory is not None else None
+
+    # --- the writer thread -------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        from mlflow.entities import Metric
+
+        pending: list = []
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                kind, payload = item
+                now = int(time.time() * 1000)
+                if kind == "columns":
+                    self._columns, self._metric_columns, self._every = payload
+                elif kind == "metrics":
+                    values, step = payload
+                    pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+                else:
+                    steps, rows = payload
+                    self._append_trajectory(steps, rows)
+                    keep = steps % self._every == 0
+                    for step, row in zip(steps[keep].tolist(), rows[keep][:, self._metric_columns].tolist()):
+                        pending += [Metric(self._columns[j], v, now, step)
+                                    for j, v in zip(self._metric_columns, row)]
+                # send whole batches while more is queued; everything once the queue is idle
+                while len(pending) >= MAX_METRICS_PER_BATCH or (pending and self._queue.empty()):
+                    batch, pending = pending[:MAX_METRICS_PER_BATCH], pending[MAX_METRICS_PER_BATCH:]
+                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        except BaseException as err:  # kept and raised in close(), on the training thread
+            self._error = err
+            while self._queue.get() is not None:  # drain so close() never blocks
+                pass
+        finally:
+            if self._trajectory is not None:
+                self._trajectory.close()
+
+    def _append_trajectory(self, steps: np.ndarray, rows: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {"step": pa.array(steps)}
+        columns.update({name: pa.array(rows[:, j]) for j, name in enumerate(self._columns)})
+        table = pa.table(columns)
+        if self._trajectory is None:
+            self._trajectory = pq.ParquetWriter(self.folder / "trajectory.parquet", table.schema)
+        self._trajectory.write_table(table)
+
+
+class TrackedRun:
+    """One MLflow run, as a context manager that always ends it with the right status.
+
+    On leaving: FINISHED; KILLED for Ctrl-C (Lightning turns it into ``SystemExit``); FAILED for any other
+    exception, with its message in the ``error`` tag. Buffered metrics are written first on every path.
+
+    Parameters
+    ----------
+    tracking_uri : str
+    experiment : str
+        Experiment name; created when missing.
+    run_name : str, optional
+    tags : dict, optional
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: Optional[str] = None,
+                 tags: Optional[dict[str, str]] = None):
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.tags = dict(tags or {})
+        self.status: Optional[str] = None
+
+    def __enter__(self) -> "TrackedRun":
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(self.tracking_uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+        self.run_id, self.experiment_id = run.info.run_id, experiment_id
+        self.run_name = run.info.run_name
+        self._folder = tempfile.TemporaryDirectory(prefix="neuron_torch-")
+        self.folder = Path(self._folder.name)
+        self.writer = MetricWriter(self.client, self.run_id, self.folder)
+        return self
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        try:
+            trajectory = self.writer.close()
+            if trajectory is not None:
+                self.log_artifact(trajectory)
+        except Exception as err:  # the store failed while writing: the run cannot be called finished
+            log.error("writing to MLflow failed: %s", err)
+            status, exc = "FAILED", exc or err
+        if status == "FAILED" and exc is not None:
+            self.set_tag("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:5000])
+        self.client.set_terminated(self.run_id, status)
+        self.status = status
+        self._folder.cleanup()
+        return False
+
+
+class MLflowTracking(L.Callback):
+    """Streams each update's tracked values, and the validation and test metrics, into a :class:`TrackedRun`.
+
+    Parameters
+    ----------
+    run : TrackedRun
+    log_every_n_steps : int
+        Cadence of the per-update MLflow metrics; the trajectory artifact keeps every update.
+    max_weight_metrics : int
+        How many ``w/<feature>`` get their own MLflow metric (the first ones, in column order).
+    chunk : int
+        Rows buffered on the device before one transfer to the host.
+    flush_seconds : float
+        Also hand the buffer over when this long has passed, so the MLflow UI follows a long run live.
+    """
+
+    def __init__(self, run: TrackedRun, log_every_n_steps: int = 10, max_weight_metrics: int = 100,
+                 chunk: int = 4096, flush_seconds: float = 2.0):
+        self.run, self.every, self.max_weights = run, max(1, log_every_n_steps), max_weight_metrics
+        self.chunk, self.flush_seconds = chunk, flush_seconds
+        self._buffer: Optional[torch.Tensor] = None
+        self._count = 0
+        self._first_step = 0
+        self._last_flush = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = pl_module.tracked_names()
+        weights = [j for j, name in enumerate(names) if name.startswith("w/")]
+        metric_columns = [j for j in range(len(names)) if j not in weights[self.max_weights:]]
+        self.run.writer.set_columns(names, metric_columns, self.every)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        row = pl_module.tracked_row
+        if self._buffer is None:
+            self._buffer = row.new_empty((self.chunk, row.numel()))
+        if self._count == 0:
+            self._first_step = trainer.global_step - 1  # the step this update started from
+        self._buffer[self._count] = row
+        self._count += 1
+        if self._count == self.chunk or time.monotonic() - self._last_flush > self.flush_seconds:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._count == 0:
+            return
+        rows = self._buffer[:self._count].to("cpu", torch.float64).numpy()  # one transfer for many steps
+        steps = np.arange(self._first_step, self._first_step + self._count)
+        self.run.writer.log_rows(steps, rows)
+        self._count = 0
+        self._last_flush = time.monotonic()
+
+    def _log_prefixed(self, trainer: L.Trainer, prefix: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+        if metrics:
+            self.run.writer.log_metrics(metrics, trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log_prefixed(trainer, "val/")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_prefixed(trainer, "test/")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._flush()  # nothing buffered is lost, whatever ended the run
+
+
+def weight_table(module) -> "pandas.DataFrame":
+    """The trained parameters as a table: ``feature, weight, bias`` for the single neuron; one row per entry
+    (``parameter, row, column, value``) for deeper networks."""
+    import pandas as pd
+
+    from neuron_torch.networks import SingleNeuron
+
+    net = module.net
+    if isinstance(net, SingleNeuron):
+        w = net.linear.weight.detach().double().cpu().numpy()[0]
+        b = float(net.linear.bias.detach().double().cpu())
+        return pd.DataFrame({"feature": module.feature_names, "weight": w, "bias": b})
+    rows = []
+    for name, p in net.named_parameters():
+        values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
+        rows += [(name, i, j, v) for (i, j), v in np.ndenumerate(values)]
+    return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
