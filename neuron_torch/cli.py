@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from neuron_torch.data import DataError, NeuronDataModule
@@ -54,6 +55,13 @@ class NeuronCLI(LightningCLI):
         # the model's size comes from the table: reading it here checks the data before any run exists
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # the loss in the progress bar, unless the bar is off or the config brings its own
+        given = list(config.get("callbacks") or []) + callbacks
+        if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = callbacks + [LossProgressBar(refresh_rate=25)]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
     """Parse the command line and configs, seed, and instantiate data, model and Trainer."""
@@ -72,7 +80,6 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
             "check_val_every_n_epoch": None,  # training is one long epoch: validate every N steps
             "num_sanity_val_steps": 0,
             "enable_model_summary": False,
-            "callbacks": [LossProgressBar(refresh_rate=25)],
         },
     )
 
