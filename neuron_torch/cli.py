@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -106,8 +108,9 @@ def train(args: Optional[list[str]] = None) -> int:
 
     uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tags = {"data": data.table_source, "network": type(model.net).__name__}
+    run_name = settings.run_name or _default_run_name(model)
     try:
-        with tracking.TrackedRun(uri, settings.experiment, settings.run_name, tags) as run:
+        with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
             run.log_text(cli.parser.dump(cli.config, skip_none=False), "config.yaml")
             trainer.callbacks.append(tracking.MLflowTracking(run, settings.log_every_n_steps,
@@ -119,6 +122,11 @@ def train(args: Optional[list[str]] = None) -> int:
             results = trainer.test(model, datamodule=data, verbose=False)[0]
 
             run.log_text(tracking.weight_table(model).to_csv(index=False), "weights.csv")
+            if len(model.feature_names) == 2:
+                from neuron_torch.plots import decision_boundary
+
+                run.log_figure(decision_boundary(model, *data.raw_split("train"), model.feature_names),
+                               "decision_boundary.png")
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
     except SystemExit:
@@ -130,6 +138,16 @@ def train(args: Optional[list[str]] = None) -> int:
 
     _summary(run, uri, results, model)
     return 0
+
+
+def _default_run_name(model: NeuronModule) -> str:
+    """What the run is, at a glance: ``neuron-gd-lr0.5-…`` or ``net16x16-adam-lr0.02-…``, plus the time.
+
+    (MLflow's own random names repeat here, as its generator draws from the seeded ``random`` module.)
+    """
+    hp = model.hparams
+    kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
+    return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}"
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:
@@ -157,6 +175,8 @@ def _user_error(err: Exception | str) -> int:
 
 
 def _setup_logging() -> None:
+    # a deprecation inside Lightning itself, printed on every run, that users can do nothing about
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

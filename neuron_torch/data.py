@@ -348,6 +348,11 @@ class NeuronDataModule(L.LightningDataModule):
         self.prepare()
         return self._splits[name]
 
+    def raw_split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Split ``name`` as raw features ``X`` (m, n) and labels ``y`` (m,), with the scaling undone."""
+        X, Y = self.split(name)
+        return X.numpy() * self.std + self.mean, Y.numpy()[:, 0]
+
     def setup(self, stage: str) -> None:
         self.prepare()
 

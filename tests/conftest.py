@@ -1,0 +1,146 @@
+"""Shared fixtures for the command-line, tracking and bad-input tests.
+
+Every run goes to a throw-away sqlite store under ``tmp_path`` (the test also runs *in* ``tmp_path``, so
+``mlruns/`` artifacts and ``checkpoints/`` never land in the repository). Creating an MLflow sqlite store
+runs its schema migrations, which costs several seconds; one empty store is made per session and copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TRAIN_PY = REPO / "train.py"
+
+# short runs: 30 updates, validation every 10, no progress bar in the captured output
+FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
+
+
+@pytest.fixture(scope="session")
+def fast_args() -> list[str]:
+    """Arguments for a short run (a fresh list each time it is asked for)."""
+    return list(FAST)
+
+
+@pytest.fixture
+def skip_without_cuda():
+    """Skip the requesting test cleanly when there is no CUDA device (test_cuda.py also marks its module)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables created, to copy (migrations take seconds each time)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("template-store")
+    db = folder / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        MlflowClient(f"sqlite:///{db}").search_experiments()
+    # the engine MLflow keeps for that URI is not used again; the file is complete once the tables exist
+    return db
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch, _empty_store) -> str:
+    """``sqlite:///<tmp_path>/mlflow.db``, set as ``MLFLOW_TRACKING_URI``, with the test running in tmp_path."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_store, db)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handler():
+    """``neuron_torch`` logs through a StreamHandler bound to the ``sys.stderr`` of the moment it was made;
+    drop it around each test so the next ``train()`` binds one to this test's (captured) stderr."""
+    log = logging.getLogger("neuron_torch")
+    saved = (list(log.handlers), log.level, log.propagate)
+    for handler in saved[0]:
+        log.removeHandler(handler)
+    yield
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    for handler in saved[0]:
+        log.addHandler(handler)
+    log.setLevel(saved[1])
+    log.propagate = saved[2]
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigint():
+    """Lightning ignores SIGINT for the rest of the process after a KeyboardInterrupt; put it back."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.fixture
+def write_table(tmp_path) -> Callable[..., Path]:
+    """``write_table(name, frame_or_text)``: a DataFrame/dict goes to ``.csv`` or ``.parquet`` by suffix;
+    a str is written verbatim (for malformed CSV)."""
+    import pandas as pd
+
+    def write(name: str, content) -> Path:
+        path = tmp_path / name
+        if isinstance(content, (str, bytes)):
+            (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+            return path
+        frame = content if isinstance(content, pd.DataFrame) else pd.DataFrame(content)
+        if path.suffix in (".parquet", ".pq"):
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_csv(path, index=False)
+        return path
+
+    return write
+
+
+def all_runs(uri: str) -> list:
+    """Every run of every experiment in the store (active or deleted)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(ids, run_view_type=ViewType.ALL, max_results=50_000) if ids else []
+
+
+@pytest.fixture(scope="session")
+def runs_of() -> Callable[[str], list]:
+    """``runs_of(uri)``: every run in that store (see :func:`all_runs`)."""
+    return all_runs
+
+
+@pytest.fixture(scope="session")
+def empty_store(_empty_store) -> Path:
+    """The session's empty, migrated MLflow sqlite file, for module-scoped fixtures to copy."""
+    return _empty_store
+
+
+@pytest.fixture
+def separable():
+    """``separable(m, seed)``: a two-feature table (f1, f2, label in {0, 1}) that a few updates separate."""
+    import numpy as np
+    import pandas as pd
+
+    def make(m: int = 60, seed: int = 0) -> pd.DataFrame:
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, m)
+        return pd.DataFrame({"f1": rng.normal(size=m) + 2.0 * y, "f2": rng.normal(size=m) - y, "label": y})
+
+    return make
