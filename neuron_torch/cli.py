@@ -12,6 +12,7 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from neuron_torch.data import DataError, NeuronDataModule
 from neuron_torch.module import LossProgressBar, NeuronModule
@@ -102,6 +103,11 @@ def train(args: Optional[list[str]] = None) -> int:
                            f"got {trainer.precision}")
     if trainer.max_steps is None or trainer.max_steps < 1:
         return _user_error("trainer.max_steps must be >= 1: training is one stream of updates")
+
+    if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        return 0
 
     # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
     from neuron_torch import tracking  # imports MLflow, which --help and config errors need not wait for

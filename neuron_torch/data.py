@@ -363,7 +363,11 @@ class NeuronDataModule(L.LightningDataModule):
         return X.to(param.device, param.dtype), Y.to(param.device, param.dtype)
 
     def train_dataloader(self) -> BatchStream:
-        return BatchStream(*self._placed("train"), batch_size=self.hparams.batch_size, seed=self.hparams.seed)
+        X, Y = self._placed("train")
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
+            X, Y = X[rank::world], Y[rank::world]
+        return BatchStream(X, Y, batch_size=self.hparams.batch_size, seed=self.hparams.seed)
 
     def val_dataloader(self) -> SingleBatch:
         return SingleBatch(*self._placed("val"))

@@ -160,7 +160,8 @@ class NeuronModule(L.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
         X, Y = batch
         Z = self.net.logits(X)  # (m, 1)
-        self.log(f"{stage}/loss", layers.bce_from_logits(Z, Y), prog_bar=stage == "val")
+        # every rank evaluates the whole split, so syncing only averages equal values
+        self.log(f"{stage}/loss", layers.bce_from_logits(Z, Y), prog_bar=stage == "val", sync_dist=True)
         metrics.update(layers.sigmoid(Z).squeeze(1), Y.squeeze(1).long())
         self.log_dict(metrics, prog_bar=False)
 
