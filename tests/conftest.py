@@ -80,6 +80,14 @@ def _fresh_log_handler():
 
 
 @pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI warns when it is given ``args`` while ``sys.argv`` holds pytest's own arguments."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+@pytest.fixture(autouse=True)
 def _restore_sigint():
     """Lightning ignores SIGINT for the rest of the process after a KeyboardInterrupt; put it back."""
     import signal

@@ -1,0 +1,210 @@
+"""Seconds per full-batch update of logistic regression, side by side, as a ratio to one read of X.
+
+    python benchmarks/bench.py            # CPU sizes (and CUDA sizes when a GPU is present)
+    python benchmarks/bench.py --quick    # small sizes, under a minute on a laptop CPU
+
+Compared, in one process on the same data: the classic numpy recipe (X stored (n, m)), a naive torch hand
+loop, torch autograd + torch.optim.SGD, torch.compile of the naive step, this project's
+``SingleNeuron.gradients()`` + hand-written update, and the full Lightning-hosted run (marginal cost per
+update from two runs of different length, so start-up is counted apart). The floor is one streaming read of
+X (``X.sum()``). Writes a table to stdout and JSON to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuron_torch import SingleNeuron
+from neuron_torch.optim import GradientDescent
+
+LR = 0.1
+
+
+def timed(fn, device: str, min_seconds: float = 0.3, max_reps: int = 2000) -> float:
+    """Median-of-chunks seconds per call of ``fn`` after a warm-up."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn(); fn(); sync()
+    reps, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds or reps >= max_reps:
+            return elapsed / reps
+        reps *= 2
+
+
+def data(m: int, n: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(m, n, generator=g)
+    Y = (X[:, :1] + 0.5 * torch.randn(m, 1, generator=g) > 0).float()
+    return X.to(device), Y.to(device)
+
+
+def candidates(X, Y, device: str) -> dict:
+    m, n = X.shape
+    out = {}
+
+    if device == "cpu":  # the classic recipe: X stored (n, m), numpy, zeros
+        Xn, Yn = X.numpy().T.copy(), Y.numpy().T.copy()
+        state = {"w": np.zeros((n, 1), np.float32), "b": 0.0}
+
+        def numpy_recipe():
+            A = 1 / (1 + np.exp(-(state["w"].T @ Xn + state["b"])))
+            dZ = A - Yn
+            state["w"] -= LR * (Xn @ dZ.T) / m
+            state["b"] -= LR * float(dZ.mean())
+        out["numpy recipe"] = numpy_recipe
+
+    w, b = torch.zeros(1, n, device=device), torch.zeros(1, device=device)
+
+    def naive():
+        A = torch.sigmoid(X @ w.T + b)
+        dZ = A - Y
+        w.sub_(LR * (dZ.T @ X) / m)
+        b.sub_(LR * dZ.mean())
+    out["naive torch"] = naive
+
+    lin = torch.nn.Linear(n, 1).to(device)
+    sgd = torch.optim.SGD(lin.parameters(), lr=LR)
+
+    def autograd():
+        sgd.zero_grad(set_to_none=True)
+        torch.nn.functional.binary_cross_entropy_with_logits(lin(X), Y).backward()
+        sgd.step()
+    out["autograd + SGD"] = autograd
+
+    try:
+        wc, bc = torch.zeros(1, n, device=device), torch.zeros(1, device=device)
+
+        @torch.compile
+        def step(w, b):
+            dZ = torch.sigmoid(X @ w.T + b) - Y
+            return w - LR * (dZ.T @ X) / m, b - LR * dZ.mean()
+
+        def compiled():
+            nonlocal wc, bc
+            wc, bc = step(wc, bc)
+        compiled()
+        out["torch.compile"] = compiled
+    except Exception as err:  # no compiler toolchain: report, keep going
+        print(f"  torch.compile unavailable: {type(err).__name__}")
+
+    net = SingleNeuron(n).to(device)
+    opt = GradientDescent(net.parameters(), LR)
+    params = dict(net.named_parameters())
+
+    def ours():
+        for name, g in net.gradients(X, Y).items():
+            params[name].grad = g
+        opt.step()
+    out["neuron_torch"] = ours
+    return out
+
+
+def lightning_per_update(m: int, n: int, device: str, steps: tuple[int, int]) -> tuple[float, float]:
+    """Marginal seconds per update of the Lightning-hosted run, without and with MLflow tracking."""
+    import tempfile
+
+    from neuron_torch import tracking
+    from neuron_torch.cli import build_cli
+
+    folder = tempfile.mkdtemp(prefix="nt-bench-")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    accel = "gpu" if device == "cuda" else "cpu"
+    results = []
+    for track in (False, True):
+        times = []
+        for k in steps:
+            cli = build_cli(["--data.dataset", "synthetic", "--data.n_samples", str(int(m / 0.6) + 1),
+                             "--data.n_features", str(n), "--trainer.max_steps", str(k),
+                             "--trainer.accelerator", accel, "--trainer.enable_progress_bar", "false",
+                             "--trainer.enable_checkpointing", "false", "--trainer.val_check_interval",
+                             str(10**9), "--model.learning_rate", str(LR)]
+                            if m != 569 else
+                            ["--trainer.max_steps", str(k), "--trainer.accelerator", accel,
+                             "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing",
+                             "false", "--trainer.val_check_interval", str(10**9)])
+            run = None
+            if track:
+                run = tracking.TrackedRun(uri, "bench").__enter__()
+                cli.trainer.callbacks.append(tracking.MLflowTracking(run))
+            t0 = time.perf_counter()
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if run is not None:
+                run.__exit__(None, None, None)
+            times.append(time.perf_counter() - t0)
+        results.append((times[1] - times[0]) / (steps[1] - steps[0]))
+    return results[0], results[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only (under a minute on CPU)")
+    parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning-hosted runs")
+    args = parser.parse_args()
+
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+    sizes = [("cpu", 569, 30), ("cpu", 100_000, 100)] + ([] if args.quick else [("cpu", 2_000_000, 64)])
+    if torch.cuda.is_available():
+        sizes += [("cuda", 100_000, 30), ("cuda", 1_000_000, 64)]
+        if not args.quick:
+            sizes += [("cuda", 10_000_000, 64), ("cuda", 2_000_000, 512)]
+    rows = []
+    for device, m, n in sizes:
+        if (device, m, n) == ("cpu", 569, 30):
+            from neuron_torch.data import breast_cancer
+            t = breast_cancer()
+            X = torch.from_numpy((t.X - t.X.mean(0)) / t.X.std(0)).float()
+            Y = torch.from_numpy(t.y).float().unsqueeze(1)
+            label = "breast cancer 569x30"
+        else:
+            X, Y = data(m, n, device)
+            label = f"{m}x{n}"
+        read = timed(lambda: X.sum(), device)
+        entry = {"device": device, "size": label, "read_s": read}
+        for name, fn in candidates(X, Y, device).items():
+            entry[name] = timed(fn, device)
+        if not args.no_lightning and (m <= 100_000 or not args.quick):
+            k = (200, 1200) if m <= 100_000 else (20, 70)
+            entry["lightning"], entry["lightning + mlflow"] = lightning_per_update(
+                m if label != "breast cancer 569x30" else 569, n, device, k)
+        rows.append(entry)
+        print_row(entry)
+
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    path = out / f"bench-{'quick-' if args.quick else ''}{meta['date']}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\n{meta}\nwritten: {path}")
+
+
+def print_row(entry: dict) -> None:
+    read = entry["read_s"]
+    print(f"\n{entry['device']} {entry['size']}: one read of X {read * 1e3:.3f} ms")
+    for key, value in entry.items():
+        if key in ("device", "size", "read_s"):
+            continue
+        print(f"  {key:<20} {value * 1e3:9.3f} ms/update  {value / read:7.1f}x read")
+
+
+if __name__ == "__main__":
+    main()
