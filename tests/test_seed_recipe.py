@@ -6,6 +6,8 @@ weight as (1, n), as ``nn.Linear`` does. Same numbers either way: after k steps 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,7 @@ def numpy_recipe(X_nm: np.ndarray, Y_1m: np.ndarray, lr: float, k: int):
     return w, b, np.array(costs)
 
 
+@functools.lru_cache(maxsize=1)
 def breast_cancer():
     X, y = load_breast_cancer(return_X_y=True)
     return StandardScaler().fit_transform(X), y.astype(np.float64)
