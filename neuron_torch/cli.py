@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from neuron_torch.data import DataError, NeuronDataModule
@@ -50,6 +51,12 @@ class MLflowSettings:
     max_weight_metrics: int = 100
 
 
+class _Parser(LightningArgumentParser):
+    def print_usage(self, file=None) -> None:
+        # one line on a parse error instead of every option; --help still lists them all
+        (file or sys.stdout).write(f"usage: {self.prog} [--config FILE] [--print_config] [--SECTION.KEY VALUE ...]\n")
+
+
 class NeuronCLI(LightningCLI):
     """LightningCLI with the ``mlflow`` section and the data's feature names linked into the model."""
 
@@ -71,11 +78,13 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
     return NeuronCLI(
         NeuronModule, NeuronDataModule,
         run=False,  # train() below drives fit and test, inside an MLflow run
+        parser_class=_Parser,
         args=args,
         save_config_callback=None,  # the resolved config goes to the MLflow run instead of log_dir
         auto_configure_optimizers=False,  # the update rules are the model's own, chosen by model.update_rule
         seed_everything_default=0,
-        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else [],
+        parser_kwargs={"allow_abbrev": False,  # --trainer.max_step is a typo, not --trainer.max_steps
+                       "default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else [],
                        "description": "Train a hand-written sigmoid neuron (or deeper network), "
                                       "tracked in MLflow."},
         trainer_defaults={
@@ -83,6 +92,7 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
             "check_val_every_n_epoch": None,  # training is one long epoch: validate every N steps
             "num_sanity_val_steps": 0,
             "enable_model_summary": False,
+            "precision": "32-true",  # stated, so the logged config says float32
         },
     )
 
@@ -118,11 +128,11 @@ def train(args: Optional[list[str]] = None) -> int:
     try:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
-            run.log_text(cli.parser.dump(cli.config, skip_none=False), "config.yaml")
+            run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
             trainer.callbacks.append(tracking.MLflowTracking(run, settings.log_every_n_steps,
                                                              settings.max_weight_metrics))
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
-                trainer.checkpoint_callback.dirpath = str(Path("checkpoints") / run.run_id)
+                trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
 
             trainer.fit(model, datamodule=data)
             results = trainer.test(model, datamodule=data, verbose=False)[0]
@@ -135,7 +145,7 @@ def train(args: Optional[list[str]] = None) -> int:
                                "decision_boundary.png")
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):
         if getattr(run, "status", None) == "KILLED":
             print(f"\ninterrupted: run {run.run_id} was marked KILLED, with everything logged so far",
                   file=sys.stderr)
@@ -153,13 +163,15 @@ def _default_run_name(model: NeuronModule) -> str:
     """
     hp = model.hparams
     kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
-    return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}"
+    unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
+    return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:
     """Every resolved config key, dotted (``model.learning_rate``), for MLflow params."""
     flat = vars(cli.config.clone().as_flat())
-    flat.pop("config", None)
+    flat.pop("__default_config__", None)
+    flat["config"] = [str(path) for path in flat.get("config") or []]  # the --config files given
     return {key: value for key, value in sorted(flat.items())}
 
 

@@ -42,7 +42,7 @@ def breast_cancer() -> Table:
 
     bunch = load_breast_cancer()
     return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), list(bunch.feature_names),
-                 "breast_cancer", tuple(bunch.target_names))
+                 "breast_cancer", tuple(str(name) for name in bunch.target_names))
 
 
 def generated(dataset: str, n_samples: int, n_features: int, noise: float, seed: int) -> Table:
@@ -147,7 +147,7 @@ def _numeric_column(column, path: str, name: str) -> np.ndarray:
         elif isinstance(raw, str) and np.isnan(values[row]):
             what = f"{raw!r} is not a number"
         else:
-            what = f"non-finite value {raw!r}"
+            what = f"non-finite value {raw}"
         raise DataError(f"{path}: column {name!r}, row {row + 1}: {what}")
     return values
 
@@ -314,9 +314,9 @@ class NeuronDataModule(L.LightningDataModule):
 
         m = len(table.y)
         n_val, n_test = math.ceil(m * hp.val_fraction), math.ceil(m * hp.test_fraction)
-        if m - n_val - n_test < 1:
-            raise DataError(f"{table.source}: {m} row{'s' if m != 1 else ''} cannot be split into train, "
-                            f"val ({hp.val_fraction}) and test ({hp.test_fraction}) with a row in each")
+        if m - n_val - n_test < 2:  # standardisation and learning need at least two training rows
+            raise DataError(f"{table.source}: {m} row{'s' if m != 1 else ''} are too few to split into train "
+                            f"(at least 2 rows), val ({hp.val_fraction}) and test ({hp.test_fraction})")
         order = np.random.default_rng(hp.seed).permutation(m)
         parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
 

@@ -188,6 +188,10 @@ class LossProgressBar(TQDMProgressBar):
     The loss is read from the module only when the bar refreshes, so steps in between never wait on it.
     """
 
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("updates")  # training is one epoch of max_steps updates
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         row = getattr(pl_module, "tracked_row", None)

@@ -82,10 +82,14 @@ class MetricWriter:
         from mlflow.entities import Metric
 
         pending: list = []
+        item: object = ()
         try:
             while True:
                 item = self._queue.get()
-                if item is None:
+                if item is None:  # closing: send what is still pending, then stop
+                    for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+                        self.client.log_batch(self.run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH],
+                                              synchronous=True)
                     break
                 kind, payload = item
                 now = int(time.time() * 1000)
@@ -107,8 +111,8 @@ class MetricWriter:
                     self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         except BaseException as err:  # kept and raised in close(), on the training thread
             self._error = err
-            while self._queue.get() is not None:  # drain so close() never blocks
-                pass
+            while item is not None:  # drain up to the closing marker, so close() never blocks
+                item = self._queue.get()
         finally:
             if self._trajectory is not None:
                 self._trajectory.close()

@@ -14,17 +14,13 @@ from typing import Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TRAIN_PY = REPO / "train.py"
-
 # short runs: 30 updates, validation every 10, no progress bar in the captured output
 FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
 
 
 @pytest.fixture(scope="session")
 def fast_args() -> list[str]:
-    """Arguments for a short run (a fresh list each time it is asked for)."""
+    """Arguments for a short run; extend with ``fast_args + [...]``, never in place (it is shared)."""
     return list(FAST)
 
 
@@ -64,12 +60,19 @@ def tracking_uri(tmp_path, monkeypatch, _empty_store) -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_log_handler():
-    """``neuron_torch`` logs through a StreamHandler bound to the ``sys.stderr`` of the moment it was made;
-    drop it around each test so the next ``train()`` binds one to this test's (captured) stderr."""
+    """Put the ``neuron_torch`` logger back to how a fresh process has it, around each test.
+
+    ``train()`` adds its stderr handler only while the logger has none, binding it to the ``sys.stderr`` of
+    that moment; and pytest attaches its capture handlers to every non-propagating logger when a test phase
+    starts. Left alone, a later test's ``train()`` would find a handler already there and print its log
+    nowhere that ``capsys`` sees.
+    """
     log = logging.getLogger("neuron_torch")
     saved = (list(log.handlers), log.level, log.propagate)
     for handler in saved[0]:
         log.removeHandler(handler)
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
     yield
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -138,17 +141,3 @@ def runs_of() -> Callable[[str], list]:
 def empty_store(_empty_store) -> Path:
     """The session's empty, migrated MLflow sqlite file, for module-scoped fixtures to copy."""
     return _empty_store
-
-
-@pytest.fixture
-def separable():
-    """``separable(m, seed)``: a two-feature table (f1, f2, label in {0, 1}) that a few updates separate."""
-    import numpy as np
-    import pandas as pd
-
-    def make(m: int = 60, seed: int = 0) -> pd.DataFrame:
-        rng = np.random.default_rng(seed)
-        y = rng.integers(0, 2, m)
-        return pd.DataFrame({"f1": rng.normal(size=m) + 2.0 * y, "f2": rng.normal(size=m) - y, "label": y})
-
-    return make
