@@ -107,8 +107,9 @@ def linear_backward_input(dZ: Tensor, W: Tensor) -> Tensor:
 def bce_from_logits(Z: Tensor, Y: Tensor) -> Tensor:
     """Mean binary cross-entropy of ``A = σ(Z)`` against labels ``Y``, computed from the logits.
 
-    ``−[Y log A + (1 − Y) log(1 − A)] = softplus(Z) − Y·Z``, and ``softplus(Z) = max(Z, 0) + log1p(e^−|Z|)``
-    never overflows, so the loss is finite for any ``Z`` (``|Z| = 1e4`` included).
+    ``−[Y log A + (1 − Y) log(1 − A)] = softplus(Z) − Y·Z``, and ``softplus(Z) = log(e⁰ + eᶻ)`` taken by
+    ``logaddexp`` (``max(Z, 0) + log1p(e^−|Z|)``) never overflows, so the loss is finite for any ``Z``
+    (``|Z| = 1e4`` included).
 
     Parameters
     ----------
@@ -121,7 +122,8 @@ def bce_from_logits(Z: Tensor, Y: Tensor) -> Tensor:
     -------
     Tensor, shape ()
     """
-    return (Z.clamp_min(0) + torch.log1p(torch.exp(-Z.abs())) - Y * Z).mean()
+    softplus = torch.logaddexp(Z, Z.new_zeros(()))  # log(e⁰ + eᶻ), exact and overflow-free for any Z
+    return torch.addcmul(softplus, Y, Z, value=-1).mean()  # mean(softplus(Z) − Y·Z)
 
 
 def bce_backward(A: Tensor, Y: Tensor) -> Tensor:

@@ -120,7 +120,7 @@ class NeuronModule(L.LightningModule):
         loss, grads = bp.loss, bp.gradients
         if self.trainer.world_size > 1:
             loss, grads = self._all_reduce(X.shape[0], loss, grads)
-        grad_norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
         # record the state this update starts from: loss(w, b), ‖∇‖ and w, b themselves
         self.tracked_row = torch.cat([loss.view(1), grad_norm.view(1), self.net.tracked_values(bp)])
 

@@ -6,6 +6,7 @@ network with no hidden layer.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple, Sequence
 
 import torch
@@ -108,8 +109,7 @@ class HandBackprop(nn.Module):
             if i > 0:
                 dA_prev = layers.linear_backward_input(dZ, layer.weight)  # (m, n_{l-1})
                 dZ = act.backward(dA_prev, Zs[i - 1], A_prevs[i])  # A_prevs[i] = g(Z_{i-1})
-        ordered = {name: grads[name] for name, _ in self.named_parameters()}
-        return BackwardPass(loss, ordered, Zs)
+        return BackwardPass(loss, {name: grads[name] for name in self._parameter_names}, Zs)
 
     def gradients(self, X: Tensor, Y: Tensor) -> dict[str, Tensor]:
         """Hand-written gradients of the mean binary cross-entropy (plus L2).
@@ -132,11 +132,16 @@ class HandBackprop(nn.Module):
             penalty = layers.l2_penalty([layer.weight for layer in self.linears], self.l2)
             return layers.bce_from_logits(self.logits(X), Y) + penalty
 
-    @property
+    @functools.cached_property
     def _names(self) -> list[str]:
         """The ``named_parameters`` prefix of each layer, in order (``"linear."``, ``"layers.0."``, ...)."""
         by_id = {id(mod): name for name, mod in self.named_modules()}
         return [by_id[id(layer)] + "." for layer in self.linears]
+
+    @functools.cached_property
+    def _parameter_names(self) -> list[str]:
+        """``named_parameters()`` keys in order, the order of the gradient dict (looked up once)."""
+        return [name for name, _ in self.named_parameters()]
 
     # --- what the tracker records each update -------------------------------------------------------------
 
