@@ -293,3 +293,51 @@ def weight_table(module) -> "pandas.DataFrame":
         values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
         rows += [(name, i, j, v) for (i, j), v in np.ndenumerate(values)]
     return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
+
+
+def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str]) -> None:
+    """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
+
+    Parameters
+    ----------
+    run : TrackedRun
+    module : NeuronModule
+        The trained module: weights, standardisation statistics, feature names and hyperparameters.
+    X_example : ndarray, shape (k, n)
+        A few raw rows, for the input example and the signature.
+    classes : tuple of str
+        The label values mapped to 0 and to 1.
+    """
+    import json
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import neuron_torch
+    from neuron_torch import pyfunc_model
+
+    hp = module.hparams
+    folder = run.folder / "model-files"
+    folder.mkdir(exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in module.net.state_dict().items()}, folder / "weights.pt")
+    meta = {"feature_names": module.feature_names, "classes": list(classes),
+            "feature_mean": module.feature_mean.double().cpu().tolist(),
+            "feature_std": module.feature_std.double().cpu().tolist(),
+            "hidden_sizes": list(hp.hidden_sizes), "activation": hp.activation}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    example = pd.DataFrame(X_example, columns=module.feature_names)
+    with torch.no_grad():
+        X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
+        probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
+    mlflow.set_tracking_uri(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):  # resumes our run; its status is set again when it ends
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=pyfunc_model.__file__,
+            artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json")},
+            code_paths=[str(Path(neuron_torch.__file__).parent)],
+            signature=infer_signature(example, probability),
+            input_example=example,
+            pip_requirements=["torch", "pandas", "numpy", "mlflow"],
+        )
