@@ -15,7 +15,7 @@ from typing import Optional
 # jsonargparse warns about its own APIs that Lightning's CLI still calls: nothing a user can act on
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -66,14 +66,20 @@ class NeuronCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(MLflowSettings, "mlflow")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Continue training from this Lightning checkpoint (weights, update-rule "
+                                 "state, step and batch order); the new run is tagged resumed_from.")
         # the model's size comes from the table: reading it here checks the data before any run exists
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # the loss in the progress bar, unless the bar is off or the config brings its own
         given = list(config.get("callbacks") or []) + callbacks
-        if config.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in given):
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = callbacks + [LossProgressBar(refresh_rate=25)]
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
+            # training is one epoch whose end is max_steps: save there, whatever the validation interval
+            callbacks = callbacks + [ModelCheckpoint(save_on_train_epoch_end=True)]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -128,6 +134,11 @@ def train(args: Optional[list[str]] = None) -> int:
 
     uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tags = {"data": data.table_source, "network": type(model.net).__name__}
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path is not None:
+        if not Path(ckpt_path).is_file():
+            return _user_error(f"{ckpt_path}: checkpoint not found")
+        tags["resumed_from"] = _run_id_of(ckpt_path) or ""
     run_name = settings.run_name or _default_run_name(model)
     try:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
@@ -138,7 +149,8 @@ def train(args: Optional[list[str]] = None) -> int:
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
                 trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
 
-            trainer.fit(model, datamodule=data)
+            model.mlflow_run_id = run.run_id  # saved in checkpoints, so a resumed run can name its origin
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
             results = trainer.test(model, datamodule=data, verbose=False)[0]
 
             run.log_text(tracking.weight_table(model).to_csv(index=False), "weights.csv")
@@ -170,6 +182,14 @@ def _default_run_name(model: NeuronModule) -> str:
     kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
     unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
     return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
+
+
+def _run_id_of(ckpt_path: str) -> Optional[str]:
+    """The MLflow run that wrote a checkpoint (None for checkpoints from elsewhere)."""
+    import torch
+
+    # a Lightning checkpoint holds hyperparameters as Python objects: the user's own file, loaded in full
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:

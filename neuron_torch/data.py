@@ -41,7 +41,8 @@ def breast_cancer() -> Table:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer()
-    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), list(bunch.feature_names),
+    names = [str(name) for name in bunch.feature_names]  # plain str: checkpoints load with weights_only
+    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), names,
                  "breast_cancer", tuple(str(name) for name in bunch.target_names))
 
 
@@ -198,16 +199,17 @@ class BatchStream:
 
     Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
     ``batch_size``, each pass over the rows follows a fresh seeded permutation. The stream is one long epoch,
-    so the Trainer's ``max_steps`` sets the number of updates. It is stateful: a resumed run continues the
-    batch sequence where it stopped.
+    so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first batch
+    to hand out: a resumed run passes its step count and continues the sequence exactly where it stopped
+    (the Trainer fetches one batch ahead, so a count kept by the stream itself would be off by one).
     """
 
-    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0):
+    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0):
         self.X, self.Y, self.seed = X, Y, seed
         m = X.shape[0]
         self.batch_size = m if batch_size is None or batch_size >= m else batch_size
         self.batches_per_pass = math.ceil(m / self.batch_size)
-        self.position = 0  # batches handed out so far
+        self.position = position  # batches handed out so far
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.batch_size == self.X.shape[0]:
@@ -225,12 +227,6 @@ class BatchStream:
     def _permutation(self, n_pass: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n_pass)
         return torch.randperm(self.X.shape[0], generator=generator).to(self.X.device)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
 
 
 class SingleBatch:
@@ -367,7 +363,9 @@ class NeuronDataModule(L.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
             X, Y = X[rank::world], Y[rank::world]
-        return BatchStream(X, Y, batch_size=self.hparams.batch_size, seed=self.hparams.seed)
+        # one batch per update: a run resumed at step k starts at batch k
+        return BatchStream(X, Y, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
+                           position=self.trainer.global_step)
 
     def val_dataloader(self) -> SingleBatch:
         return SingleBatch(*self._placed("val"))

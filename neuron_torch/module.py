@@ -86,6 +86,7 @@ class NeuronModule(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.tracked_row: Optional[Tensor] = None  # this step's loss, gradient norm and tracked values
         self.converged_at: Optional[int] = None
+        self.mlflow_run_id: Optional[str] = None  # the run tracking this training, kept in checkpoints
 
     # --- what the tracker records per update --------------------------------------------------------------
 
@@ -96,6 +97,10 @@ class NeuronModule(L.LightningModule):
     # --- Lightning hooks ------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        if str(self.trainer.precision).startswith("64"):
+            # float64 before a checkpoint is restored into the parameters (Lightning converts only later),
+            # so a resumed float64 run loads its weights without a round trip through float32
+            self.double()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "mean"):
             self.feature_mean.copy_(torch.as_tensor(datamodule.mean))
@@ -150,6 +155,9 @@ class NeuronModule(L.LightningModule):
             reduced[name] = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
         return loss, reduced
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mlflow_run_id"] = self.mlflow_run_id
 
     def on_train_end(self) -> None:
         if self.hparams.tol > 0 and self.converged_at is None:
