@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from neuron_torch.data import DataError, NeuronDataModule
 from neuron_torch.module import LossProgressBar, NeuronModule
+from neuron_torch.sweep import SweepSettings
 
 log = logging.getLogger("neuron_torch")
 
@@ -46,6 +47,8 @@ class MLflowSettings:
         artifact keeps every update.
     max_weight_metrics : int
         How many ``w/<feature>`` metrics a wide table gets (the first in column order).
+    parent_run_id : str, optional
+        Make the run a child of this one (sweeps set it for each grid point).
     """
 
     tracking_uri: Optional[str] = None
@@ -53,6 +56,7 @@ class MLflowSettings:
     run_name: Optional[str] = None
     log_every_n_steps: int = 10
     max_weight_metrics: int = 100
+    parent_run_id: Optional[str] = None
 
 
 class _Parser(LightningArgumentParser):
@@ -66,6 +70,7 @@ class NeuronCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(MLflowSettings, "mlflow")
+        parser.add_class_arguments(SweepSettings, "sweep")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="Continue training from this Lightning checkpoint (weights, update-rule "
                                  "state, step and batch order); the new run is tagged resumed_from.")
@@ -110,6 +115,7 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
 def train(args: Optional[list[str]] = None) -> int:
     """Config → seed → data → model → tracking → fit → test → summary. Returns the exit code."""
     _setup_logging()
+    args = list(args) if args is not None else sys.argv[1:]
 
     # config, seed, data (read and checked), model and trainer, all before an MLflow run exists
     try:
@@ -134,6 +140,11 @@ def train(args: Optional[list[str]] = None) -> int:
 
     uri = tracking.resolve_tracking_uri(settings.tracking_uri)
     tags = {"data": data.table_source, "network": type(model.net).__name__}
+    if settings.parent_run_id:
+        tags["mlflow.parentRunId"] = settings.parent_run_id
+    sweep: SweepSettings = cli.config_init.sweep
+    if sweep.grid:
+        return _sweep(cli, sweep, args, uri, tags)
     ckpt_path = cli.config.ckpt_path
     if ckpt_path is not None:
         if not Path(ckpt_path).is_file():
@@ -144,8 +155,8 @@ def train(args: Optional[list[str]] = None) -> int:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
             run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
-            trainer.callbacks.append(tracking.MLflowTracking(run, settings.log_every_n_steps,
-                                                             settings.max_weight_metrics))
+            tracker = tracking.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
+            trainer.callbacks.append(tracker)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
                 trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
 
@@ -155,11 +166,7 @@ def train(args: Optional[list[str]] = None) -> int:
 
             run.log_text(tracking.weight_table(model).to_csv(index=False), "weights.csv")
             tracking.log_model(run, model, data.raw_split("test")[0][:5], data.classes)
-            if len(model.feature_names) == 2:
-                from neuron_torch.plots import decision_boundary
-
-                run.log_figure(decision_boundary(model, *data.raw_split("train"), model.feature_names),
-                               "decision_boundary.png")
+            tracking.log_figures(run, tracker, model, data)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
     except (SystemExit, KeyboardInterrupt):
@@ -170,6 +177,33 @@ def train(args: Optional[list[str]] = None) -> int:
         raise
 
     _summary(run, uri, results, model)
+    return 0
+
+
+def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
+    """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
+    from neuron_torch import tracking
+    from neuron_torch.sweep import grid_points, run_sweep
+
+    flat = _flat_config(cli)
+    unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
+    if unknown:
+        return _user_error(f"sweep.grid: {unknown[0]!r} is not a model, data or trainer key of the config")
+    if any(not isinstance(values, list) or not values for values in sweep.grid.values()):
+        return _user_error("sweep.grid: every key needs a non-empty list of values")
+    settings: MLflowSettings = cli.config_init.mlflow
+    name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%m%d-%H%M%S')}"
+    with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
+        run.log_params(flat)
+        run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
+        children, best_id = run_sweep(run, sweep, args)
+    print(f"\nsweep {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}, "
+          f"{len(grid_points(sweep.grid))} runs")
+    for child in children:
+        value = child.data.metrics.get(sweep.metric, float("nan"))
+        best = "  <- best" if child.info.run_id == best_id else ""
+        print(f"  {child.info.run_name:<28} {sweep.metric} {value:.4f}{best}")
+    print(f"compare them with: {_ui_command(uri)}   (open the experiment, select the runs, Compare)")
     return 0
 
 
@@ -207,9 +241,12 @@ def _summary(run, uri: str, results: dict[str, float], model: NeuronModule) -> N
     lines.append(f"  {steps} updates{converged}")
     for key in sorted(results):
         lines.append(f"  {key:<16} {results[key]:.4f}")
-    ui = "mlflow ui" if uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {uri}"
-    lines.append(f"see it with: {ui}   (then open http://127.0.0.1:5000)")
+    lines.append(f"see it with: {_ui_command(uri)}   (then open http://127.0.0.1:5000)")
     print("\n".join(lines))
+
+
+def _ui_command(uri: str) -> str:
+    return "mlflow ui" if uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {uri}"
 
 
 def _user_error(err: Exception | str) -> int:

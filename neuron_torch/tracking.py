@@ -229,9 +229,12 @@ class MLflowTracking(L.Callback):
         self._count = 0
         self._first_step = 0
         self._last_flush = time.monotonic()
+        self._history: list[tuple[np.ndarray, np.ndarray]] = []  # rows at the logging cadence, for figures
+        self.validation: list[dict] = []  # {"step": ..., "val/loss": ..., ...} at each validation
+        self.names: list[str] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        names = pl_module.tracked_names()
+        names = self.names = pl_module.tracked_names()
         weights = [j for j, name in enumerate(names) if name.startswith("w/")]
         metric_columns = [j for j in range(len(names)) if j not in weights[self.max_weights:]]
         self.run.writer.set_columns(names, metric_columns, self.every)
@@ -254,6 +257,8 @@ class MLflowTracking(L.Callback):
         rows = self._buffer[:self._count].to("cpu", torch.float64).numpy()  # one transfer for many steps
         steps = np.arange(self._first_step, self._first_step + self._count)
         self.run.writer.log_rows(steps, rows)
+        keep = steps % self.every == 0
+        self._history.append((steps[keep], rows[keep]))
         self._count = 0
         self._last_flush = time.monotonic()
 
@@ -261,6 +266,8 @@ class MLflowTracking(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         if metrics:
             self.run.writer.log_metrics(metrics, trainer.global_step)
+        if prefix == "val/":
+            self.validation.append({"step": trainer.global_step, **metrics})
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -271,6 +278,16 @@ class MLflowTracking(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush()
+
+    def history(self) -> "pandas.DataFrame":
+        """The tracked values at the logging cadence: ``step`` and one column per name."""
+        import pandas as pd
+
+        if not self._history:
+            return pd.DataFrame(columns=["step", *self.names])
+        steps = np.concatenate([s for s, _ in self._history])
+        rows = np.concatenate([r for _, r in self._history])
+        return pd.DataFrame({"step": steps, **{name: rows[:, j] for j, name in enumerate(self.names)}})
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._flush()  # nothing buffered is lost, whatever ended the run
@@ -341,3 +358,24 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
             input_example=example,
             pip_requirements=["torch", "pandas", "numpy", "mlflow"],
         )
+
+
+def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) -> None:
+    """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
+    for two-feature data, as PNG artifacts under ``plots/``."""
+    import pandas as pd
+
+    from neuron_torch import plots
+
+    history = tracker.history()
+    if len(history):
+        run.log_figure(plots.loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
+        run.log_figure(plots.trajectories(history), "plots/trajectories.png")
+    X_raw, y = datamodule.raw_split("test")
+    probability = module.predict_proba(torch.from_numpy(X_raw))[:, 0].double().cpu().numpy()
+    if len(np.unique(y)) == 2:  # a ROC curve needs both labels among the test rows
+        run.log_figure(plots.roc_curve(y, probability), "plots/roc.png")
+    run.log_figure(plots.confusion_matrix(y, probability, datamodule.classes), "plots/confusion_matrix.png")
+    if len(module.feature_names) == 2:
+        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names),
+                       "plots/decision_boundary.png")

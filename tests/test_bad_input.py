@@ -187,8 +187,10 @@ def test_parquet_file_trains(tracking_uri, runs_of, write_table, capsys):
     assert run.data.tags["data"] == "data.parquet"
     assert run.data.params["data.path"] == "data.parquet"
     assert sorted(k for k in run.data.metrics if k.startswith("w/")) == ["w/f1", "w/f2"]
-    artifacts = {f.path for f in MlflowClient(tracking_uri).list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "weights.csv", "trajectory.parquet", "decision_boundary.png"} <= artifacts
+    client = MlflowClient(tracking_uri)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "weights.csv", "trajectory.parquet"} <= artifacts
+    assert "plots/decision_boundary.png" in {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
     assert run.data.metrics["test/accuracy"] >= 0.6
 
 

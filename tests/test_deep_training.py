@@ -31,9 +31,13 @@ def test_deep_config_solves_circles_where_the_neuron_cannot(tracking_uri, runs_o
 
     client = MlflowClient(tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(deep.info.run_id)}
-    assert {"decision_boundary.png", "weights.csv", "trajectory.parquet", "config.yaml"} <= artifacts
-    png = Path(client.download_artifacts(deep.info.run_id, "decision_boundary.png", "."))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"weights.csv", "trajectory.parquet", "config.yaml"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(deep.info.run_id, "plots")}
+    assert {f"plots/{name}.png" for name in ("decision_boundary", "loss_curves", "trajectories", "roc",
+                                             "confusion_matrix")} <= plots
+    for name in plots:
+        png = Path(client.download_artifacts(deep.info.run_id, name, "."))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_deep_config_on_a_users_csv(tracking_uri, runs_of, write_table):
