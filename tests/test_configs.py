@@ -20,7 +20,7 @@ QUIET = ["--trainer.enable_progress_bar", "false"]
 def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     flat = {}
     for key, value in (tree or {}).items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" != "sweep.grid":  # a grid's keys are its values
             flat.update(leaves(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -74,8 +74,14 @@ def test_config_instantiates(path, tracking_uri):
 def test_config_trains(path, tracking_uri, runs_of):
     code = train(["--config", str(path), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"] + QUIET)
     assert code == 0
-    (run,) = runs_of(tracking_uri)
-    assert run.info.status == "FINISHED"
+    runs = runs_of(tracking_uri)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    grid = (yaml.safe_load(path.read_text()).get("sweep") or {}).get("grid") or {}
+    points = 1
+    for values in grid.values():
+        points *= len(values)
+    assert len(runs) == points + (1 if grid else 0)  # a sweep adds its parent run
+    run = next(r for r in runs if r.data.tags.get("sweep") != "parent")
     experiment = leaves(yaml.safe_load(path.read_text())).get("mlflow.experiment", "neuron_torch")
     from mlflow import MlflowClient
 
