@@ -115,7 +115,7 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
 def train(args: Optional[list[str]] = None) -> int:
     """Config → seed → data → model → tracking → fit → test → summary. Returns the exit code."""
     _setup_logging()
-    args = list(args) if args is not None else sys.argv[1:]
+    argv = list(args) if args is not None else sys.argv[1:]  # what a sweep repeats for each grid point
 
     # config, seed, data (read and checked), model and trainer, all before an MLflow run exists
     try:
@@ -144,7 +144,7 @@ def train(args: Optional[list[str]] = None) -> int:
         tags["mlflow.parentRunId"] = settings.parent_run_id
     sweep: SweepSettings = cli.config_init.sweep
     if sweep.grid:
-        return _sweep(cli, sweep, args, uri, tags)
+        return _sweep(cli, sweep, argv, uri, tags)
     ckpt_path = cli.config.ckpt_path
     if ckpt_path is not None:
         if not Path(ckpt_path).is_file():
@@ -291,11 +291,11 @@ def predict(args: Optional[list[str]] = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    from neuron_torch.tracking import resolve_tracking_uri
+    from neuron_torch.tracking import fluent_tracking_uri, resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(None))
     try:
-        model = mlflow.pyfunc.load_model(opts.model)
+        with fluent_tracking_uri(resolve_tracking_uri(None)):
+            model = mlflow.pyfunc.load_model(opts.model)
     except Exception as err:  # MLflow raises several types for a URI that names nothing
         return _user_error(f"cannot load model {opts.model}: {str(err).splitlines()[0]}")
     needed = model.metadata.get_input_schema().input_names()

@@ -7,6 +7,7 @@ and sends the metrics to MLflow in batches of up to 1,000 values. Training never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -312,6 +313,29 @@ def weight_table(module) -> "pandas.DataFrame":
     return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str):
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``load_model``) at ``uri`` for a while.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process; both are put back,
+    so a later run in the same process still follows its own configuration.
+    """
+    import mlflow
+
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if previous_env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            mlflow.set_tracking_uri(None)  # back to MLflow's own resolution
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+            mlflow.set_tracking_uri(previous)
+
+
 def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str]) -> None:
     """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
 
@@ -347,8 +371,8 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     with torch.no_grad():
         X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
         probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
-    mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):  # resumes our run; its status is set again when it ends
+    with fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
+        # start_run resumes our run; TrackedRun sets its final status again when it ends
         mlflow.pyfunc.log_model(
             name="model",
             python_model=pyfunc_model.__file__,

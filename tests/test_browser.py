@@ -1,0 +1,181 @@
+"""What a user sees: two runs in ``mlflow ui``'s compare-runs page, rendered by headless Chromium.
+
+Chromium's command line is enough (no driver): ``--dump-dom`` prints the page after its scripts ran for
+``--virtual-time-budget`` ms, ``--screenshot`` saves it. Without Chromium (``apt-get install chromium``) the
+test is skipped with that reason. ``NEURON_TORCH_SCREENSHOT=1`` keeps the screenshot as
+``docs/mlflow-compare.png`` in the repository; otherwise it goes to the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from neuron_torch.cli import train
+
+FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
+RUNS = {"lr=0.5": "0.5", "lr=0.05": "0.05"}  # the sweep's child run names -> model.learning_rate
+START_TIMEOUT = 90.0  # seconds for `mlflow ui` to answer /health
+BUDGETS_MS = (15_000, 45_000)  # virtual time for the React app; the longer one only if the first falls short
+CHROMIUM_TIMEOUT = 120.0  # wall-clock seconds per Chromium call
+REPO = Path(__file__).resolve().parents[1]
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never via a proxy
+
+
+def chromium_binary() -> str | None:
+    if os.access("/usr/bin/chromium", os.X_OK):
+        return "/usr/bin/chromium"
+    return shutil.which("chromium")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group, SIGKILL to whatever is left after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=5)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+@pytest.fixture
+def chromium() -> str:
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium not installed (apt-get install chromium): browser check skipped")
+    return binary
+
+
+@pytest.fixture
+def two_runs(chromium, tracking_uri):
+    """A learning-rate sweep of two short runs in the test's sqlite store: (experiment id, child run ids)."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = tracking_utils._tracking_uri  # train() sets mlflow's global URI; put it back afterwards
+    try:
+        grid = "{model.learning_rate: [" + ", ".join(RUNS.values()) + "]}"
+        assert train(FAST + ["--sweep.grid", grid]) == 0
+    finally:
+        tracking_utils._tracking_uri = saved
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("neuron_torch")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.info.run_name for r in runs) == sorted(RUNS)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.info.run_name: r.data.params["model.learning_rate"] for r in runs} == RUNS
+    return experiment.experiment_id, [r.info.run_id for r in runs]
+
+
+@pytest.fixture
+def ui(two_runs, tracking_uri, tmp_path):
+    """``mlflow ui`` on the test's store at 127.0.0.1:<free port>; stopped with its process group."""
+    folder = tmp_path / "ui"
+    folder.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and its worker processes
+    log = folder / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"mlflow ui exited with {proc.returncode}:\n{log_tail(log)}"
+            try:
+                with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.read().strip() == b"OK":
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, f"mlflow ui gave no /health in {START_TIMEOUT:.0f} s:\n{log_tail(log)}"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        kill_group(proc)
+
+
+def run_chromium(binary: str, profile: Path, budget_ms: int, *args: str) -> str:
+    """One headless Chromium call in its own process group, bounded by CHROMIUM_TIMEOUT; returns stdout."""
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-proxy-server", f"--user-data-dir={profile}", "--window-size=1600,1200",
+               f"--virtual-time-budget={budget_ms}", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=CHROMIUM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, grace=2)
+        pytest.fail(f"Chromium did not finish in {CHROMIUM_TIMEOUT:.0f} s: {' '.join(command)}")
+    finally:
+        if proc.poll() is None:
+            kill_group(proc, grace=2)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_compare_runs_page_shows_both_runs_and_the_loss(chromium, two_runs, ui, tmp_path):
+    experiment_id, run_ids = two_runs
+    # the UI's own route (Routes.getCompareRunPageRoute): JSON lists in the hash router's query
+    query = f"runs={json.dumps(run_ids, separators=(',', ':'))}&experiments={json.dumps([experiment_id])}"
+    url = f"{ui}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}"
+    expected = [*RUNS, "train/loss", "Comparing 2 Runs"]
+
+    for budget in BUDGETS_MS:
+        dom = run_chromium(chromium, tmp_path / "profile", budget, "--dump-dom", url)
+        missing = [text for text in expected if text not in dom]
+        if not missing:
+            break
+    assert not missing, f"not in the rendered page after {budget} ms of virtual time: {missing}\n{dom[-2000:]}"
+    assert "js-plotly-plot" in dom  # the parallel-coordinates chart of the two runs was drawn
+
+    if os.environ.get("NEURON_TORCH_SCREENSHOT") == "1":
+        shot = REPO / "docs" / "mlflow-compare.png"
+        shot.parent.mkdir(exist_ok=True)
+    else:
+        shot = tmp_path / "mlflow-compare.png"
+    shot.unlink(missing_ok=True)
+    run_chromium(chromium, tmp_path / "profile", budget, f"--screenshot={shot}", url)
+    assert png_size(shot) == (1600, 1200)
+    assert shot.stat().st_size > 20_000  # a blank or error page compresses to a few kB
