@@ -49,6 +49,8 @@ class MLflowSettings:
         How many ``w/<feature>`` metrics a wide table gets (the first in column order).
     parent_run_id : str, optional
         Make the run a child of this one (sweeps set it for each grid point).
+    register_as : str, optional
+        Also register the run's model in the Model Registry under this name (a new version each run).
     """
 
     tracking_uri: Optional[str] = None
@@ -57,6 +59,7 @@ class MLflowSettings:
     log_every_n_steps: int = 10
     max_weight_metrics: int = 100
     parent_run_id: Optional[str] = None
+    register_as: Optional[str] = None
 
 
 class _Parser(LightningArgumentParser):
@@ -154,7 +157,8 @@ def train(args: Optional[list[str]] = None) -> int:
     try:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
-            run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
+            config_yaml = cli.parser.dump(cli.config, skip_unset=False)
+            run.log_text(config_yaml, "config.yaml")
             tracker = tracking.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
             trainer.callbacks.append(tracker)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
@@ -165,7 +169,8 @@ def train(args: Optional[list[str]] = None) -> int:
             results = trainer.test(model, datamodule=data, verbose=False)[0]
 
             run.log_text(tracking.weight_table(model).to_csv(index=False), "weights.csv")
-            tracking.log_model(run, model, data.raw_split("test")[0][:5], data.classes)
+            tracking.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
+                               settings.register_as)
             tracking.log_figures(run, tracker, model, data)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)

@@ -317,26 +317,27 @@ def weight_table(module) -> "pandas.DataFrame":
 def fluent_tracking_uri(uri: str):
     """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``load_model``) at ``uri`` for a while.
 
-    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process; both are put back,
-    so a later run in the same process still follows its own configuration.
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process, and MLflow's
+    module-level URI outranks that variable; both are put back exactly as they were, so a later run in the
+    same process still follows its own configuration.
     """
     import mlflow
+    from mlflow.tracking._tracking_service import utils  # holds the module-level URI; no public getter
 
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri() if previous_env is not None else None
+    previous_env, previous_global = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
+        utils._tracking_uri = previous_global
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(None)  # back to MLflow's own resolution
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
-            mlflow.set_tracking_uri(previous)
 
 
-def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str]) -> None:
+def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
+              register_as: Optional[str] = None) -> None:
     """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
 
     Parameters
@@ -348,6 +349,10 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
         A few raw rows, for the input example and the signature.
     classes : tuple of str
         The label values mapped to 0 and to 1.
+    config_yaml : str
+        The resolved config, kept with the model as ``config.yaml``.
+    register_as : str, optional
+        Register the model under this name in the Model Registry.
     """
     import json
 
@@ -367,6 +372,7 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
             "feature_std": module.feature_std.double().cpu().tolist(),
             "hidden_sizes": list(hp.hidden_sizes), "activation": hp.activation}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    (folder / "config.yaml").write_text(config_yaml)
     example = pd.DataFrame(X_example, columns=module.feature_names)
     with torch.no_grad():
         X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
@@ -376,7 +382,9 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
         mlflow.pyfunc.log_model(
             name="model",
             python_model=pyfunc_model.__file__,
-            artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json")},
+            artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json"),
+                       "config": str(folder / "config.yaml")},
+            registered_model_name=register_as,
             code_paths=[str(Path(neuron_torch.__file__).parent)],
             signature=infer_signature(example, probability),
             input_example=example,

@@ -36,6 +36,7 @@ def test_model_scores_raw_features_by_name(trained, tracking_uri):
     Z = ((X - meta["feature_mean"]) / meta["feature_std"]) @ weights.weight.to_numpy() + weights.bias[0]
     np.testing.assert_allclose(probability, 1 / (1 + np.exp(-Z)), rtol=1e-5, atol=1e-7)
     assert meta["classes"] == ["malignant", "benign"]
+    assert "learning_rate: 0.5" in next(folder.rglob("config.yaml")).read_text()  # the config travels along
 
     # a signature and an input example travel with the model
     assert model.metadata.get_input_schema().input_names() == list(frame.columns)

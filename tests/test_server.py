@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.datasets import load_breast_cancer
 
 from neuron_torch.cli import predict, train
 
@@ -201,3 +202,27 @@ def test_training_logs_to_a_tracking_server_with_proxied_artifacts(server, clien
     assert (scored["prediction"] == (np.asarray(expected) >= 0.5)).all()
     assert 0 < scored["prediction"].sum() < len(scored)  # both classes among the scored rows
     assert {Path(path).parts[0] for path in files_under(tmp_path)} <= {"checkpoints"}
+
+
+def test_sweep_and_registered_model_over_http(server, client_of, tmp_path):
+    """A two-point sweep into the server (parent, children, overlay and table as proxied artifacts), its
+    best child's model registered by config and scored through a models:/ URI."""
+    client = client_of
+    assert train(FAST + ["--mlflow.experiment", "sweep-over-http", "--sweep.grid",
+                         "{model.learning_rate: [0.05, 0.5]}", "--mlflow.register_as", "neuron-http"]) == 0
+    experiment = client.get_experiment_by_name("sweep-over-http")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name for c in children) == ["lr=0.05", "lr=0.5"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep_results.csv", "plots"}
+    versions = client.search_model_versions("name = 'neuron-http'")
+    assert sorted(v.run_id for v in versions) == sorted(c.info.run_id for c in children)
+
+    frame = load_breast_cancer(as_frame=True).data.head(20)
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    assert predict(["--model", "models:/neuron-http/1", "--input", str(tmp_path / "rows.csv"),
+                    "--output", str(tmp_path / "scored.csv")]) == 0
+    scored = pd.read_csv(tmp_path / "scored.csv")
+    assert scored.probability.between(0, 1).all() and len(scored) == 20
