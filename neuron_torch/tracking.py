@@ -15,11 +15,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pandas
 
 log = logging.getLogger("neuron_torch")
 

@@ -11,20 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from neuron_torch.cli import train
+from processes import free_port, kill_group, start_mlflow
 
 FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
 RUNS = {"lr=0.5": "0.5", "lr=0.05": "0.05"}  # the sweep's child run names -> model.learning_rate
@@ -33,40 +29,12 @@ BUDGETS_MS = (15_000, 45_000)  # virtual time for the React app; the longer one 
 CHROMIUM_TIMEOUT = 120.0  # wall-clock seconds per Chromium call
 REPO = Path(__file__).resolve().parents[1]
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never via a proxy
 
 
 def chromium_binary() -> str | None:
     if os.access("/usr/bin/chromium", os.X_OK):
         return "/usr/bin/chromium"
     return shutil.which("chromium")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process group, SIGKILL to whatever is left after ``grace`` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=5)
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 @pytest.fixture
@@ -104,26 +72,9 @@ def ui(two_runs, tracking_uri, tmp_path):
     folder = tmp_path / "ui"
     folder.mkdir()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and its worker processes
-    log = folder / "ui.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = start_mlflow([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+                         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port, folder, START_TIMEOUT)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"mlflow ui exited with {proc.returncode}:\n{log_tail(log)}"
-            try:
-                with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert time.monotonic() < deadline, f"mlflow ui gave no /health in {START_TIMEOUT:.0f} s:\n{log_tail(log)}"
-            time.sleep(0.5)
         yield f"http://127.0.0.1:{port}"
     finally:
         kill_group(proc)

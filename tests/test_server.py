@@ -9,16 +9,9 @@ module and always stopped with its whole process group.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,73 +22,11 @@ import yaml
 from sklearn.datasets import load_breast_cancer
 
 from neuron_torch.cli import predict, train
+from processes import free_port, http_get, kill_group, start_mlflow
 
 FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
 START_TIMEOUT = 90.0  # seconds for the server to answer /health (it migrates nothing: the store is pre-made)
 ARTIFACT_NAMES = {"config.yaml", "weights.csv", "trajectory.parquet", "MLmodel", "weights.pt", "meta.json"}
-
-# loopback only: never through a proxy that the environment may name
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 10.0) -> bytes:
-    with _OPENER.open(url, timeout=timeout) as response:
-        return response.read()
-
-
-def start_mlflow(command: list[str], port: int, folder: Path, timeout: float = START_TIMEOUT) -> subprocess.Popen:
-    """Start an ``mlflow server``/``mlflow ui`` in its own process group, in ``folder``; wait for ``/health``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and its eight worker processes
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    log = open(folder / "server.log", "wb")
-    proc = subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow exited with {proc.returncode}:\n{server_log(folder)}")
-        try:
-            if http_get(f"http://127.0.0.1:{port}/health", timeout=2.0).strip() == b"OK":
-                return proc
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            stop_mlflow(proc)
-            raise RuntimeError(f"mlflow did not answer /health within {timeout:.0f} s:\n{server_log(folder)}")
-        time.sleep(0.5)
-
-
-def stop_mlflow(proc: subprocess.Popen) -> None:
-    """SIGTERM to the whole process group (uvicorn workers too), SIGKILL after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; make sure no worker of its group outlives it
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
-
-
-def server_log(folder: Path, lines: int = 40) -> str:
-    path = folder / "server.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, empty_store):
@@ -108,11 +39,12 @@ def server(tmp_path_factory, empty_store):
                          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                          "--artifacts-destination", str(artifacts),
                          "--serve-artifacts",
-                         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port, folder)
+                         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], port, folder,
+                        START_TIMEOUT)
     try:
         yield SimpleNamespace(uri=f"http://127.0.0.1:{port}", artifacts=artifacts, folder=folder, proc=proc)
     finally:
-        stop_mlflow(proc)
+        kill_group(proc)
 
 
 @pytest.fixture

@@ -474,7 +474,6 @@ def test_tiny_tol_warns_convergence(run_train, tracking_uri, runs_of):
 
 def test_no_autograd_graph_and_global_step_counts_updates(tracking_uri):
     """Training builds no autograd graph, and Lightning's global_step counts the hand-written updates."""
-    from neuron_torch.cli import build_cli
 
     class Check(L.Callback):
         def __init__(self):
