@@ -152,8 +152,12 @@ def train(args: Optional[list[str]] = None) -> int:
     if ckpt_path is not None:
         if not Path(ckpt_path).is_file():
             return _user_error(f"{ckpt_path}: checkpoint not found")
-        tags["resumed_from"] = _run_id_of(ckpt_path) or ""
+        try:
+            tags["resumed_from"] = _run_id_of(ckpt_path) or ""
+        except Exception as err:  # not a file torch can read: the user's path is wrong
+            return _user_error(f"{ckpt_path}: not a Lightning checkpoint ({type(err).__name__})")
     run_name = settings.run_name or _default_run_name(model)
+    run = None
     try:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
