@@ -266,12 +266,26 @@ def _user_error(err: Exception | str) -> int:
 def _setup_logging() -> None:
     # a deprecation inside Lightning itself, printed on every run, that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
+        log.addHandler(_StderrHandler())
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to the ``sys.stderr`` of the moment, so a redirected or captured stderr gets them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the live sys.stderr is used instead
+        pass
 
 
 def predict(args: Optional[list[str]] = None) -> int:

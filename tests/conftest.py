@@ -7,6 +7,7 @@ runs its schema migrations, which costs several seconds; one empty store is made
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -58,14 +59,12 @@ def tracking_uri(tmp_path, monkeypatch, _empty_store) -> str:
     return uri
 
 
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    """Put the ``neuron_torch`` logger back to how a fresh process has it, around each test.
+@contextlib.contextmanager
+def own_log_handler():
+    """The ``neuron_torch`` logger as a fresh process has it (no handlers), put back afterwards.
 
-    ``train()`` adds its stderr handler only while the logger has none, binding it to the ``sys.stderr`` of
-    that moment; and pytest attaches its capture handlers to every non-propagating logger when a test phase
-    starts. Left alone, a later test's ``train()`` would find a handler already there and print its log
-    nowhere that ``capsys`` sees.
+    pytest attaches its capture handlers to non-propagating loggers when a test phase starts; each test
+    starts from a clean logger so that ``train()`` sets up its own.
     """
     log = logging.getLogger("neuron_torch")
     saved = (list(log.handlers), log.level, log.propagate)
@@ -73,13 +72,21 @@ def _fresh_log_handler():
         log.removeHandler(handler)
     log.setLevel(logging.NOTSET)
     log.propagate = True
-    yield
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    for handler in saved[0]:
-        log.addHandler(handler)
-    log.setLevel(saved[1])
-    log.propagate = saved[2]
+    try:
+        yield
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+        for handler in saved[0]:
+            log.addHandler(handler)
+        log.setLevel(saved[1])
+        log.propagate = saved[2]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handler():
+    with own_log_handler():
+        yield
 
 
 @pytest.fixture(autouse=True)

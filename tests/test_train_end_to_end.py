@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 import neuron_torch.cli as cli_module
+from conftest import own_log_handler
 from neuron_torch.cli import train
 from neuron_torch.module import ConvergenceWarning
 
@@ -80,26 +80,6 @@ def gd_pieces(X: np.ndarray, Y: np.ndarray, w: np.ndarray, b: float):
     loss = float(np.mean(np.logaddexp(0.0, z) - Y * z))
     dw, db = X.T @ (a - Y) / len(Y), float(np.mean(a - Y))
     return loss, dw, db, math.sqrt(float(dw @ dw) + db * db)
-
-
-@contextlib.contextmanager
-def own_log_handler():
-    """As a fresh process: train() binds the ``neuron_torch`` log handler to the current stderr; undone after."""
-    log = logging.getLogger("neuron_torch")
-    saved = (list(log.handlers), log.level, log.propagate)
-    for handler in saved[0]:
-        log.removeHandler(handler)
-    log.setLevel(logging.NOTSET)
-    log.propagate = True
-    try:
-        yield
-    finally:
-        for handler in list(log.handlers):
-            log.removeHandler(handler)
-        for handler in saved[0]:
-            log.addHandler(handler)
-        log.setLevel(saved[1])
-        log.propagate = saved[2]
 
 
 class CLIKeeper:
