@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from neuron_torch import fused as fused_pass
 from neuron_torch import layers
 
 Init = Literal["zeros", "normal", "xavier", "he"]
@@ -23,7 +24,7 @@ class BackwardPass(NamedTuple):
 
     loss: Tensor  # shape (), mean cross-entropy plus the L2 penalty
     gradients: dict[str, Tensor]  # keyed like named_parameters()
-    Z: list[Tensor]  # pre-activations of each layer, (m, n_l)
+    Z: list[Tensor]  # pre-activations of each layer, (m, n_l); empty on SingleNeuron's fused path
 
 
 class HandBackprop(nn.Module):
@@ -197,6 +198,13 @@ class SingleNeuron(HandBackprop):
         L2 penalty ``(λ/2)·‖w‖²`` added to the loss and gradients.
     generator : torch.Generator, optional
         Source of randomness for the random initialisations.
+    fused : bool
+        On CPU, take the loss and gradients in one pass over ``X`` (:mod:`neuron_torch.fused`, a small C kernel
+        compiled on first use) instead of the reference path's two (``Z = X·wᵀ + b``, then ``dZᵀ·X``). The
+        numbers are the same to the dtype's rounding. It applies to float32/float64 ``X`` whose rows are
+        contiguous, with ``Y`` of shape (m, 1) and the same dtype; anything else (CUDA, float16, a transposed
+        ``X``), a missing C compiler, or the environment variable ``NEURON_TORCH_FUSED=0`` takes the reference
+        path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored (that is the point).
 
     Examples
     --------
@@ -209,14 +217,39 @@ class SingleNeuron(HandBackprop):
     """
 
     def __init__(self, n_features: int, init: Init = "zeros", l2: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, fused: bool = True):
         super().__init__(activation="sigmoid", l2=l2)
         self.linear = nn.Linear(n_features, 1)
+        self.fused = bool(fused)
         self.reset_parameters(init, generator)
 
     @property
     def linears(self) -> list[nn.Linear]:
         return [self.linear]
+
+    @torch.no_grad()
+    def forward_backward(self, X: Tensor, Y: Tensor) -> BackwardPass:
+        """Loss and hand-written gradients, in one pass over ``X`` where the fused path applies.
+
+        Parameters
+        ----------
+        X : Tensor, shape (m, n_features)
+        Y : Tensor, shape (m, 1)
+            Labels in {0, 1}, same dtype as ``X``.
+
+        Returns
+        -------
+        BackwardPass
+            As the reference path's, except that ``Z`` is empty when the fused path was taken.
+        """
+        w, b = self.linear.weight, self.linear.bias
+        out = fused_pass.neuron_pass(X, Y, w, b) if self.fused else None
+        if out is None:
+            return super().forward_backward(X, Y)
+        loss, dw, db = out  # (), (1, n), (1,): the mean cross-entropy and its gradients, no penalty yet
+        name = self._names[0]
+        return BackwardPass(loss + layers.l2_penalty([w], self.l2),
+                            {name + "weight": layers.l2_backward(dw, w, self.l2), name + "bias": db}, [])
 
     def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
         """``b`` then one ``w/<feature name>`` per weight."""
