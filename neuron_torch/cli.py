@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -42,9 +43,9 @@ class MLflowSettings:
         Experiment name (created when missing).
     run_name : str, optional
         Run name; MLflow picks one when unset.
-    log_every_n_steps : int
-        Cadence of the per-update metrics (``train/loss``, ``b``, ``w/<feature>``, ...); the trajectory
-        artifact keeps every update.
+    log_every_n_steps : int, optional
+        Cadence of the per-update metrics (``train/loss``, ``b``, ``w/<feature>``, ...); default: 100 points
+        per metric over ``trainer.max_steps``. The trajectory artifact keeps every update.
     max_weight_metrics : int
         How many ``w/<feature>`` metrics a wide table gets (the first in column order).
     parent_run_id : str, optional
@@ -56,7 +57,7 @@ class MLflowSettings:
     tracking_uri: Optional[str] = None
     experiment: str = "neuron_torch"
     run_name: Optional[str] = None
-    log_every_n_steps: int = 10
+    log_every_n_steps: Optional[int] = None
     max_weight_metrics: int = 100
     parent_run_id: Optional[str] = None
     register_as: Optional[str] = None
@@ -84,11 +85,30 @@ class NeuronCLI(LightningCLI):
         # the loss in the progress bar, unless the bar is off or the config brings its own
         given = list(config.get("callbacks") or []) + callbacks
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = callbacks + [LossProgressBar(refresh_rate=25)]
+            callbacks = callbacks + [LossProgressBar()]
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             # training is one epoch whose end is max_steps: save there, whatever the validation interval
             callbacks = callbacks + [ModelCheckpoint(save_on_train_epoch_end=True)]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(self._in_training_steps(config, given), callbacks)
+
+    def _in_training_steps(self, config: dict, callbacks: list) -> dict:
+        """The Trainer's config with ``val_check_interval`` turned from updates into training steps.
+
+        Each training step runs ``model.updates_per_step`` updates; that count is lowered to a divisor of the
+        validation interval (and of any checkpoint interval), so validation and checkpoints fall on the
+        same updates whatever it is. It changes no number, only how often Lightning's loop turns.
+        """
+        k = self.model.updates_per_step
+        every = config.get("val_check_interval")
+        intervals = [every] if isinstance(every, int) else []
+        intervals += [c._every_n_train_steps for c in callbacks
+                      if isinstance(c, ModelCheckpoint) and c._every_n_train_steps]
+        for interval in intervals:
+            k = math.gcd(k, interval)
+        self.model.updates_per_step = k
+        if isinstance(every, int):
+            config = {**config, "val_check_interval": every // k}
+        return config
 
 
 def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
@@ -132,6 +152,8 @@ def train(args: Optional[list[str]] = None) -> int:
                            f"got {trainer.precision}")
     if trainer.max_steps is None or trainer.max_steps < 1:
         return _user_error("trainer.max_steps must be >= 1: training is one stream of updates")
+    if settings.log_every_n_steps is not None and settings.log_every_n_steps < 1:
+        return _user_error(f"mlflow.log_every_n_steps must be >= 1, got {settings.log_every_n_steps}")
 
     if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
         trainer.fit(model, datamodule=data)

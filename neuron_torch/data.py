@@ -198,24 +198,31 @@ class BatchStream:
     """An endless stream of training batches cut from tensors that already sit on the device.
 
     Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
-    ``batch_size``, each pass over the rows follows a fresh seeded permutation. The stream is one long epoch,
-    so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first batch
-    to hand out: a resumed run passes its step count and continues the sequence exactly where it stopped
-    (the Trainer fetches one batch ahead, so a count kept by the stream itself would be off by one).
+    ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
+    is a list of the next ``group`` mini-batches (the updates of one training step). The stream is one long
+    epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first
+    batch to hand out: a resumed run passes its update count and continues the sequence exactly where it
+    stopped (the Trainer fetches one item ahead, so a count kept by the stream itself would be off).
     """
 
-    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0):
-        self.X, self.Y, self.seed = X, Y, seed
+    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0,
+                 group: int = 1):
+        self.X, self.Y, self.seed, self.group = X, Y, seed, group
         m = X.shape[0]
         self.batch_size = m if batch_size is None or batch_size >= m else batch_size
         self.batches_per_pass = math.ceil(m / self.batch_size)
         self.position = position  # batches handed out so far
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator:
         if self.batch_size == self.X.shape[0]:
             while True:
-                self.position += 1
+                self.position += self.group
                 yield self.X, self.Y
+        batches = self._batches()
+        while True:
+            yield [next(batches) for _ in range(self.group)]
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
             n_pass, start = divmod(self.position, self.batches_per_pass)
             order = self._permutation(n_pass)
@@ -363,9 +370,10 @@ class NeuronDataModule(L.LightningDataModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
             X, Y = X[rank::world], Y[rank::world]
-        # one batch per update: a run resumed at step k starts at batch k
+        # one batch per update: a run resumed at update k starts at batch k
         return BatchStream(X, Y, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
-                           position=self.trainer.global_step)
+                           position=self.trainer.global_step,
+                           group=getattr(self.trainer.lightning_module, "updates_per_step", 1))
 
     def val_dataloader(self) -> SingleBatch:
         return SingleBatch(*self._placed("val"))

@@ -1,7 +1,8 @@
-"""The LightningModule: one hand-written update per training step, metrics on validation and test."""
+"""The LightningModule: hand-written updates in each training step, metrics on validation and test."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Literal, Optional
 
@@ -27,8 +28,9 @@ class ConvergenceWarning(UserWarning):
 class NeuronModule(L.LightningModule):
     """Trains a :class:`SingleNeuron` or :class:`DeepNetwork` with hand-written gradients and updates.
 
-    ``automatic_optimization`` is off: each training step computes the gradients by hand, puts them in
-    ``.grad`` and calls the update rule's ``step()`` through Lightning, which counts it in ``global_step``.
+    ``automatic_optimization`` is off: each update computes the gradients by hand, puts them in ``.grad``
+    and calls the update rule's ``step()`` through Lightning, which counts it in ``global_step``. So
+    ``global_step`` and ``trainer.max_steps`` count updates, however many run in one training step.
 
     Parameters
     ----------
@@ -60,6 +62,12 @@ class NeuronModule(L.LightningModule):
     tol : float
         Stop when the gradient norm ``‖(dW, db)‖₂`` falls under ``tol``; 0 runs every step. A run that ends
         its steps without meeting ``tol`` > 0 warns with :class:`ConvergenceWarning`.
+    updates_per_step : int
+        Updates run inside one Lightning training step. Any value gives the same numbers (each update still
+        gets its own mini-batch, schedule step, ``tol`` check and tracked row); a larger one spreads
+        Lightning's fixed cost per step (about 0.4 ms on a laptop CPU, more than a whole update on a small
+        table) over more updates. The Trainer's ``val_check_interval`` counts training steps, so it counts
+        ``updates_per_step`` updates each; ``neuron-torch train`` converts it from updates for you.
     """
 
     def __init__(self, feature_names: list[str], hidden_sizes: list[int] = [],
@@ -67,9 +75,12 @@ class NeuronModule(L.LightningModule):
                  learning_rate: float = 0.5, update_rule: UpdateRule = "gd", momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_schedule: Optional[Literal["step", "cosine"]] = None, lr_step_size: int = 1000,
-                 lr_gamma: float = 0.5, tol: float = 0.0):
+                 lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1):
         super().__init__()
+        if updates_per_step < 1:
+            raise ValueError(f"model.updates_per_step must be >= 1, got {updates_per_step}")
         self.save_hyperparameters()
+        self.updates_per_step = updates_per_step  # what runs now; the CLI may lower it to fit validation
         self.automatic_optimization = False
         self.feature_names = list(feature_names)
         n = len(self.feature_names)
@@ -84,14 +95,14 @@ class NeuronModule(L.LightningModule):
                                     "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.tracked_row: Optional[Tensor] = None  # this step's loss, gradient norm and tracked values
+        self.tracked_rows: Optional[Tensor] = None  # per update of this step: loss, ‖∇‖, tracked values
         self.converged_at: Optional[int] = None
         self.mlflow_run_id: Optional[str] = None  # the run tracking this training, kept in checkpoints
 
     # --- what the tracker records per update --------------------------------------------------------------
 
     def tracked_names(self) -> list[str]:
-        """Names of :attr:`tracked_row`'s entries: ``train/loss``, ``train/grad_norm``, then the network's."""
+        """Names of :attr:`tracked_rows`' columns: ``train/loss``, ``train/grad_norm``, then the network's."""
         return ["train/loss", "train/grad_norm", *self.net.tracked_names(self.feature_names)]
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
@@ -119,26 +130,38 @@ class NeuronModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()  # the gradients are ours: no autograd graph is built
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        X, Y = batch
+    def training_step(self, batch, batch_idx: int) -> None:
+        # a full batch is reused by every update; a mini-batch stream hands one group of batches per step
+        batches = batch if isinstance(batch, list) else [batch] * self.updates_per_step
+        n_updates = min(len(batches), self.trainer.max_steps - self.global_step)  # max_steps counts updates
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        parameters = dict(self.net.named_parameters())
+        rows = []
+        for X, Y in batches[:n_updates]:
+            row = self._update(X, Y, parameters, optimizer, schedule)
+            rows.append(row)
+            if self.hparams.tol > 0 and row[1].item() < self.hparams.tol:
+                self.converged_at = self.global_step
+                self.trainer.should_stop = True
+                break
+        self.tracked_rows = torch.stack(rows)  # (updates run, columns), still on the device
+
+    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule) -> Tensor:
+        """One hand-written update; returns the tracked row of the state it started from."""
         bp = self.net.forward_backward(X, Y)
         loss, grads = bp.loss, bp.gradients
         if self.trainer.world_size > 1:
             loss, grads = self._all_reduce(X.shape[0], loss, grads)
         grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
         # record the state this update starts from: loss(w, b), ‖∇‖ and w, b themselves
-        self.tracked_row = torch.cat([loss.view(1), grad_norm.view(1), self.net.tracked_values(bp)])
+        row = torch.cat([loss.view(1), grad_norm.view(1), self.net.tracked_values(bp)])
 
-        for name, p in self.net.named_parameters():
+        for name, p in parameters.items():
             p.grad = grads[name]
-        self.optimizers().step()  # the hand-written rule; Lightning counts it as one global step
-        schedule = self.lr_schedulers()
+        optimizer.step()  # the hand-written rule; Lightning counts it as one global step
         if schedule is not None:
             schedule.step()
-
-        if self.hparams.tol > 0 and grad_norm.item() < self.hparams.tol:
-            self.converged_at = self.global_step
-            self.trainer.should_stop = True
+        return row
 
     def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Exact full-data gradients under data parallelism: the sum of per-rank sums over the global m.
@@ -191,19 +214,37 @@ class NeuronModule(L.LightningModule):
 
 
 class LossProgressBar(TQDMProgressBar):
-    """The usual progress bar, showing the training loss without a per-step ``self.log``.
+    """The usual progress bar, counting updates and showing the training loss without a per-step ``self.log``.
 
-    The loss is read from the module only when the bar refreshes, so steps in between never wait on it.
+    It advances by ``global_step`` (several updates may run in one training step) and redraws at most every
+    ``refresh_seconds``, reading the loss from the module only then, so updates in between never wait on it.
     """
+
+    def __init__(self, refresh_seconds: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
+        self.refresh_seconds = refresh_seconds
+        self._last_refresh = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description("updates")  # training is one epoch of max_steps updates
+        self.train_progress_bar.total = trainer.max_steps
+        self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step  # resumed runs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        bar, now = self.train_progress_bar, time.monotonic()
+        done = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        if bar is None or bar.disable or (now - self._last_refresh < self.refresh_seconds and not done):
+            return
+        self._last_refresh = now
+        bar.n = trainer.global_step
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
-        row = getattr(pl_module, "tracked_row", None)
-        if row is not None:
-            metrics["loss"] = f"{row[0].item():.4g}"
+        rows = getattr(pl_module, "tracked_rows", None)
+        if rows is not None:
+            metrics["loss"] = f"{rows[-1, 0].item():.4g}"
         metrics.pop("v_num", None)
         return metrics

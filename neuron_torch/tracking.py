@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import tempfile
@@ -28,6 +29,10 @@ log = logging.getLogger("neuron_torch")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow ui` reads it with no flags
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
+# Default points per per-update metric in MLflow. Each value costs the store about 0.1 ms of Python (SQLAlchemy),
+# so values must not grow with the number of updates; the UI's charts sample a few hundred points anyway, and
+# the trajectory artifact has every update.
+METRIC_POINTS = 100
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
@@ -215,8 +220,9 @@ class MLflowTracking(L.Callback):
     Parameters
     ----------
     run : TrackedRun
-    log_every_n_steps : int
-        Cadence of the per-update MLflow metrics; the trajectory artifact keeps every update.
+    log_every_n_steps : int, optional
+        Cadence of the per-update MLflow metrics; default: about :data:`METRIC_POINTS` points per metric over
+        ``trainer.max_steps``. The trajectory artifact keeps every update either way.
     max_weight_metrics : int
         How many ``w/<feature>`` get their own MLflow metric (the first ones, in column order).
     chunk : int
@@ -225,9 +231,11 @@ class MLflowTracking(L.Callback):
         Also hand the buffer over when this long has passed, so the MLflow UI follows a long run live.
     """
 
-    def __init__(self, run: TrackedRun, log_every_n_steps: int = 10, max_weight_metrics: int = 100,
+    def __init__(self, run: TrackedRun, log_every_n_steps: Optional[int] = None, max_weight_metrics: int = 100,
                  chunk: int = 4096, flush_seconds: float = 2.0):
-        self.run, self.every, self.max_weights = run, max(1, log_every_n_steps), max_weight_metrics
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"mlflow.log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.run, self.every, self.max_weights = run, log_every_n_steps, max_weight_metrics
         self.chunk, self.flush_seconds = chunk, flush_seconds
         self._buffer: Optional[torch.Tensor] = None
         self._count = 0
@@ -241,18 +249,22 @@ class MLflowTracking(L.Callback):
         names = self.names = pl_module.tracked_names()
         weights = [j for j, name in enumerate(names) if name.startswith("w/")]
         metric_columns = [j for j in range(len(names)) if j not in weights[self.max_weights:]]
+        if self.every is None:
+            self.every = max(1, math.ceil(trainer.max_steps / METRIC_POINTS))
         self.run.writer.set_columns(names, metric_columns, self.every)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        row = pl_module.tracked_row
-        if self._buffer is None:
-            self._buffer = row.new_empty((self.chunk, row.numel()))
+        rows = pl_module.tracked_rows  # (updates of this step, columns)
+        if self._buffer is None:  # every step brings the same number of rows, the last one maybe fewer
+            self._buffer = rows.new_empty((max(self.chunk, len(rows)), rows.shape[1]))
+        if self._count + len(rows) > len(self._buffer):
+            self._flush()
         if self._count == 0:
-            self._first_step = trainer.global_step - 1  # the step this update started from
-        self._buffer[self._count] = row
-        self._count += 1
-        if self._count == self.chunk or time.monotonic() - self._last_flush > self.flush_seconds:
+            self._first_step = trainer.global_step - len(rows)  # the step the first update started from
+        self._buffer[self._count:self._count + len(rows)] = rows
+        self._count += len(rows)
+        if self._count == len(self._buffer) or time.monotonic() - self._last_flush > self.flush_seconds:
             self._flush()
 
     def _flush(self) -> None:

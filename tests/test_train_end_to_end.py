@@ -28,7 +28,7 @@ from conftest import own_log_handler
 from neuron_torch.cli import train
 from neuron_torch.module import ConvergenceWarning
 
-MAX_STEPS, EVERY, VAL_EVERY = 30, 10, 10  # what the fast_args fixture asks for (and mlflow's default cadence)
+MAX_STEPS, EVERY, VAL_EVERY = 30, 10, 10  # the fast_args fixture's steps and validation, and a metric cadence
 
 
 def breast_cancer_features() -> list[str]:
@@ -143,7 +143,7 @@ def fast_run(tmp_path_factory, empty_store, fast_args, runs_of):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setattr(cli_module, "build_cli", keeper)
         with contextlib.redirect_stdout(out):
-            code = train(fast_args)
+            code = train(fast_args + ["--mlflow.log_every_n_steps", str(EVERY)])
     client = MlflowClient(uri)
     runs = runs_of(uri)
     assert len(runs) == 1
@@ -452,28 +452,31 @@ def test_tiny_tol_warns_convergence(run_train, tracking_uri, runs_of):
     assert the_run(tracking_uri, runs_of).info.status == "FINISHED"
 
 
-def test_no_autograd_graph_and_global_step_counts_updates(tracking_uri):
-    """Training builds no autograd graph, and Lightning's global_step counts the hand-written updates."""
+@pytest.mark.parametrize("k", [1, 5])
+def test_no_autograd_graph_and_global_step_counts_updates(tracking_uri, k):
+    """Training builds no autograd graph, and Lightning's global_step counts the hand-written updates,
+    however many run in one training step (12 updates in steps of 5 are 5, 5 and 2)."""
 
     class Check(L.Callback):
         def __init__(self):
-            self.seen = 0
+            self.updates = 0
             self.weights = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.seen += 1
-            row = pl_module.tracked_row
-            assert row.requires_grad is False
-            assert row.grad_fn is None
-            assert trainer.global_step == self.seen == batch_idx + 1
+            rows = pl_module.tracked_rows
+            assert rows.requires_grad is False
+            assert rows.grad_fn is None
+            assert len(rows) == min(k, 12 - self.updates)
+            self.updates += len(rows)
+            assert trainer.global_step == self.updates
             self.weights.append(pl_module.net.linear.weight.detach().clone())
 
     cli = ORIGINAL_BUILD_CLI(["--trainer.max_steps", "12", "--trainer.enable_progress_bar", "false",
-                              "--trainer.val_check_interval", "1000"])
+                              "--trainer.val_check_interval", "1000", "--model.updates_per_step", str(k)])
     check = Check()
     cli.trainer.callbacks.append(check)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert check.seen == 12
+    assert check.updates == 12
     assert cli.trainer.global_step == 12
     # every step changed the weights: each counted step is one real update
     assert all(not torch.equal(a, b) for a, b in zip(check.weights, check.weights[1:]))
@@ -481,7 +484,8 @@ def test_no_autograd_graph_and_global_step_counts_updates(tracking_uri):
 
 
 INTERRUPT_ARGS = ["--trainer.max_steps", "1000", "--trainer.enable_progress_bar", "false",
-                  "--trainer.val_check_interval", "2", "--mlflow.log_every_n_steps", "1"]
+                  "--trainer.val_check_interval", "2", "--mlflow.log_every_n_steps", "1",
+                  "--model.updates_per_step", "1"]  # one update per step, so RaiseAt stops at its exact step
 
 
 def test_keyboard_interrupt_marks_the_run_killed(run_train, tracking_uri, runs_of, tmp_path, capsys):
