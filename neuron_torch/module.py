@@ -18,7 +18,7 @@ from neuron_torch import layers
 from neuron_torch.networks import ActivationName, DeepNetwork, HandBackprop, Init, SingleNeuron
 from neuron_torch.optim import make_update_rule
 
-UpdateRule = Literal["gd", "momentum", "nesterov", "adam"]
+UpdateRule = Literal["gd", "momentum", "nesterov", "adam", "newton"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -46,8 +46,10 @@ class NeuronModule(L.LightningModule):
         L2 penalty ``(λ/2)·Σ‖W‖²`` in the loss and gradients.
     learning_rate : float
         ``α``.
-    update_rule : {"gd", "momentum", "nesterov", "adam"}
-        The hand-written update (see :mod:`neuron_torch.optim`).
+    update_rule : {"gd", "momentum", "nesterov", "adam", "newton"}
+        The hand-written update (see :mod:`neuron_torch.optim`). ``newton`` (single neuron only) also
+        computes the Hessian ``XᵀSX/m`` each update, one more pass over X; use ``learning_rate`` 1 for the
+        full Newton (IRLS) step.
     momentum : float
         ``μ`` of momentum and Nesterov.
     betas : tuple of float
@@ -84,6 +86,9 @@ class NeuronModule(L.LightningModule):
         self.automatic_optimization = False
         self.feature_names = list(feature_names)
         n = len(self.feature_names)
+        if update_rule == "newton" and hidden_sizes:
+            raise ValueError("model.update_rule newton is for the single neuron (its Hessian is written by "
+                             "hand); with hidden_sizes use gd, momentum, nesterov or adam")
         if hidden_sizes:
             self.net: HandBackprop = DeepNetwork(n, hidden_sizes, activation, init or "he", l2)
         else:
@@ -150,34 +155,48 @@ class NeuronModule(L.LightningModule):
         """One hand-written update; returns the tracked row of the state it started from."""
         bp = self.net.forward_backward(X, Y)
         loss, grads = bp.loss, bp.gradients
+        hessian = self._hessian(X) if self.hparams.update_rule == "newton" else None
         if self.trainer.world_size > 1:
-            loss, grads = self._all_reduce(X.shape[0], loss, grads)
+            loss, grads, hessian = self._all_reduce(X.shape[0], loss, grads, hessian)
         grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
         # record the state this update starts from: loss(w, b), ‖∇‖ and w, b themselves
         row = torch.cat([loss.view(1), grad_norm.view(1), self.net.tracked_values(bp)])
 
         for name, p in parameters.items():
             p.grad = grads[name]
-        optimizer.step()  # the hand-written rule; Lightning counts it as one global step
+        if hessian is None:
+            optimizer.step()  # the hand-written rule; Lightning counts it as one global step
+        else:
+            optimizer.step(hessian=hessian)
         if schedule is not None:
             schedule.step()
         return row
 
-    def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _hessian(self, X: Tensor) -> Tensor:
+        """The single neuron's ``(w, b)`` Hessian of the loss, L2 included, shape (n + 1, n + 1)."""
+        linear = self.net.linear
+        return layers.l2_hessian(layers.bce_hessian(X, linear.weight, linear.bias), self.net.l2)
+
+    def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None
+                    ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
         """Exact full-data gradients under data parallelism: the sum of per-rank sums over the global m.
 
-        Each rank's gradients are means over its own ``m`` rows; ``Σ_r m_r·g_r / Σ_r m_r`` is the mean over
-        all rows. The L2 term λ·W, equal on every rank, comes through unchanged.
+        Each rank's loss, gradients (and Hessian) are means over its own ``m`` rows; ``Σ_r m_r·g_r / Σ_r m_r``
+        is the mean over all rows. The L2 terms, equal on every rank, come through unchanged.
         """
         reduce = self.trainer.strategy.reduce
         m_total = reduce(torch.tensor(float(m), device=loss.device), reduce_op="sum")
-        flat = torch.cat([loss.view(1)] + [g.flatten() for g in grads.values()]) * m
-        flat = reduce(flat, reduce_op="sum") / m_total
+        parts = [loss.view(1)] + [g.flatten() for g in grads.values()]
+        if hessian is not None:
+            parts.append(hessian.flatten())
+        flat = reduce(torch.cat(parts) * m, reduce_op="sum") / m_total
         loss, offset, reduced = flat[0], 1, {}
         for name, g in grads.items():
             reduced[name] = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
-        return loss, reduced
+        if hessian is not None:
+            hessian = flat[offset:].view_as(hessian)
+        return loss, reduced, hessian
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlflow_run_id"] = self.mlflow_run_id

@@ -225,7 +225,7 @@ class Newton(torch.optim.Optimizer):
         return None
 
 
-UPDATE_RULES = ("gd", "momentum", "nesterov", "adam")
+UPDATE_RULES = ("gd", "momentum", "nesterov", "adam", "newton")
 
 
 def make_update_rule(name: str, params: Iterable[Tensor], lr: float, momentum: float = 0.9,
@@ -237,4 +237,6 @@ def make_update_rule(name: str, params: Iterable[Tensor], lr: float, momentum: f
         return GradientDescent(params, lr, momentum=momentum, nesterov=name == "nesterov")
     if name == "adam":
         return Adam(params, lr, betas=betas, eps=eps)
+    if name == "newton":
+        return Newton(params, lr)
     raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {name!r}")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
@@ -12,10 +13,15 @@ ARGS = ["--trainer.max_steps", "40", "--trainer.enable_progress_bar", "false", "
         "--trainer.precision", "64-true", "--trainer.enable_checkpointing", "false"]
 
 
-def test_two_process_ddp_matches_one_process(tracking_uri, runs_of, tmp_path):
-    """Two CPU ranks, each on half the rows, end at the single-process weights (float64), in one MLflow run."""
+@pytest.mark.parametrize("rule", [["--model.update_rule", "gd"],
+                                  ["--model.update_rule", "newton", "--model.learning_rate", "1", "--model.l2", "0.01"]],
+                         ids=["gd", "newton"])
+def test_two_process_ddp_matches_one_process(rule, tracking_uri, runs_of, tmp_path):
+    """Two CPU ranks, each on half the rows, end at the single-process weights (float64), in one MLflow run;
+    Newton's Hessian is summed over the ranks like the gradients."""
     for extra in (["--trainer.strategy", "ddp", "--trainer.devices", "2"], []):
-        done = subprocess.run([sys.executable, TRAIN, *ARGS, *extra], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, TRAIN, *ARGS, *rule, *extra], capture_output=True, text=True,
+                              timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     runs = sorted(runs_of(tracking_uri), key=lambda r: r.info.start_time)
     assert [r.data.params["trainer.strategy"] for r in runs] == ["ddp", "auto"]  # rank 1 made no run

@@ -61,7 +61,7 @@ def max_param_diff(a: DeepNetwork, b: DeepNetwork) -> float:
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=lambda s: f"schedule={s}")
 @pytest.mark.parametrize("l2", [0.0, 0.05])
-@pytest.mark.parametrize("rule", UPDATE_RULES)
+@pytest.mark.parametrize("rule", [r for r in UPDATE_RULES if r != "newton"])  # newton: test_newton.py
 def test_update_rule_matches_torch_optim(rule, l2, schedule):
     lr, make_reference = REFERENCES[rule]
     net_a = make_net(l2)
