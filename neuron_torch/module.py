@@ -70,6 +70,9 @@ class NeuronModule(L.LightningModule):
         Lightning's fixed cost per step (about 0.4 ms on a laptop CPU, more than a whole update on a small
         table) over more updates. The Trainer's ``val_check_interval`` counts training steps, so it counts
         ``updates_per_step`` updates each; ``neuron-torch train`` converts it from updates for you.
+    fused : bool
+        Let the single neuron take its one-pass CPU kernel where it applies (see :mod:`neuron_torch.fused`);
+        false forces the plain reference path (two passes over X), as ``NEURON_TORCH_FUSED=0`` does.
     """
 
     def __init__(self, feature_names: list[str], hidden_sizes: list[int] = [],
@@ -77,7 +80,8 @@ class NeuronModule(L.LightningModule):
                  learning_rate: float = 0.5, update_rule: UpdateRule = "gd", momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_schedule: Optional[Literal["step", "cosine"]] = None, lr_step_size: int = 1000,
-                 lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1):
+                 lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1,
+                 fused: bool = True):
         super().__init__()
         if updates_per_step < 1:
             raise ValueError(f"model.updates_per_step must be >= 1, got {updates_per_step}")
@@ -92,7 +96,7 @@ class NeuronModule(L.LightningModule):
         if hidden_sizes:
             self.net: HandBackprop = DeepNetwork(n, hidden_sizes, activation, init or "he", l2)
         else:
-            self.net = SingleNeuron(n, init or "zeros", l2)
+            self.net = SingleNeuron(n, init or "zeros", l2, fused=fused)
         # standardisation statistics of the training split, kept with the weights (set in setup)
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
