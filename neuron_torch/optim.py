@@ -162,7 +162,8 @@ class Newton(torch.optim.Optimizer):
     >>> bp = net.forward_backward(X, Y)
     >>> for name, p in net.named_parameters():
     ...     p.grad = bp.gradients[name]
-    >>> H = layers.l2_hessian(layers.bce_hessian(X, net.linear.weight, net.linear.bias), net.l2)
+    >>> with torch.no_grad():  # as in a training step: no autograd graph
+    ...     H = layers.l2_hessian(layers.bce_hessian(X, net.linear.weight, net.linear.bias), net.l2)
     >>> opt.step(hessian=H)
     """
 
