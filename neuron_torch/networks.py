@@ -227,7 +227,6 @@ class SingleNeuron(HandBackprop):
     def linears(self) -> list[nn.Linear]:
         return [self.linear]
 
-    @torch.no_grad()
     def forward_backward(self, X: Tensor, Y: Tensor) -> BackwardPass:
         """Loss and hand-written gradients, in one pass over ``X`` where the fused path applies.
 
@@ -242,14 +241,18 @@ class SingleNeuron(HandBackprop):
         BackwardPass
             As the reference path's, except that ``Z`` is empty when the fused path was taken.
         """
-        w, b = self.linear.weight, self.linear.bias
-        out = fused_pass.neuron_pass(X, Y, w, b) if self.fused else None
+        linear = self.linear
+        w = linear.weight
+        out = fused_pass.neuron_pass(X, Y, w, linear.bias) if self.fused else None
         if out is None:
             return super().forward_backward(X, Y)
         loss, dw, db = out  # (), (1, n), (1,): the mean cross-entropy and its gradients, no penalty yet
+        if self.l2:  # the same penalty and gradient as the reference path (adding 0 would only cost time)
+            with torch.no_grad():
+                loss = loss + layers.l2_penalty([w], self.l2)
+                dw = layers.l2_backward(dw, w, self.l2)
         name = self._names[0]
-        return BackwardPass(loss + layers.l2_penalty([w], self.l2),
-                            {name + "weight": layers.l2_backward(dw, w, self.l2), name + "bias": db}, [])
+        return BackwardPass(loss, {name + "weight": dw, name + "bias": db}, [])
 
     def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
         """``b`` then one ``w/<feature name>`` per weight."""
