@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -120,42 +121,48 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
 
 
 def _build() -> dict[torch.dtype, ctypes._CFuncPtr]:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler found (tried {compiler!r}; set CC to use another)")
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper or flags ("ccache gcc")
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C compiler found (tried {' '.join(compiler) or repr('')}; set CC to use another)")
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     for flags in FLAG_SETS:
         try:
-            return _bind(ctypes.CDLL(str(_compiled(compiler, flags + COMMON_FLAGS))))
+            return _bind(ctypes.CDLL(str(_compiled(compiler, version, flags + COMMON_FLAGS))))
         except (OSError, subprocess.SubprocessError) as err:
-            errors.append(f"{' '.join(flags)}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name} with any flags tried; " + "; ".join(errors))
+            errors.append(f"[{' '.join(flags)}] {_first_error(str(err))}")
+    raise RuntimeError(f"{' '.join(compiler)} could not build {SOURCE.name}: " + "; ".join(errors))
 
 
-def _compiled(compiler: str, flags: list[str]) -> Path:
+def _first_error(message: str) -> str:
+    """The line of a compiler's output that says what went wrong (the first with "error"), else the last."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [message]
+    return next((line for line in lines if "error" in line.lower()), lines[-1])
+
+
+def _compiled(compiler: list[str], version: str, flags: list[str]) -> Path:
     """The shared library for these flags, from the cache or compiled into it.
 
-    The file name hashes everything the binary depends on: source, flags, the compiler's version, and the CPU
-    (``-march=native`` code may not run on another CPU sharing the same home directory). It is written under a
-    temporary name and renamed, so processes compiling at once (DDP ranks, sweep workers) never load half a file.
+    The file name hashes everything the binary depends on: source, flags, the compiler and its version, and the
+    CPU (``-march=native`` code may not run on another CPU sharing the same home directory). It is written under
+    a temporary name and renamed, so processes compiling at once (DDP ranks, sweep workers) never load half a
+    file.
     """
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compiler + flags).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_identity().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuron_torch"
     target = cache / f"fused_kernel-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the fused CPU kernel (once per machine): %s %s", compiler, " ".join(flags))
+    log.info("compiling the fused CPU kernel (once per machine): %s %s", " ".join(compiler), " ".join(flags))
     fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so.tmp", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE.resolve()), "-lm"],
+        done = subprocess.run([*compiler, *flags, "-o", tmp, str(SOURCE.resolve()), "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise subprocess.SubprocessError(done.stderr.strip() or f"{compiler} exited {done.returncode}")
+            raise subprocess.SubprocessError(done.stderr or f"{' '.join(compiler)} exited {done.returncode}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -173,6 +174,17 @@ def test_compiles_once_into_the_cache(tmp_path, monkeypatch, caplog):
         assert fused.is_available()
     compiling = [r for r in caplog.records if r.name == "neuron_torch" and "compiling" in r.getMessage()]
     assert len(compiling) == 1 and compiling[0].levelno == logging.INFO
+
+
+@needs_compiler
+def test_threads_asking_at_once_compile_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_failure", None)
+    with caplog.at_level(logging.INFO, logger="neuron_torch"):
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(lambda _: fused.is_available(), range(4)))
+    assert sum("compiling" in r.getMessage() for r in caplog.records if r.name == "neuron_torch") == 1
 
 
 def test_broken_compiler_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
