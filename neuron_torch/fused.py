@@ -29,7 +29,9 @@ log = logging.getLogger("neuron_torch")
 
 SOURCE = Path(__file__).with_name("fused_kernel.c")
 # Tried in order until one compiles and loads: no -march=native for compilers that lack it, no OpenMP
-# for compilers without it (one thread, still one read of X).
+# for compilers without it (one thread, still one read of X). With GCC the library asks for libgomp.so.1; when
+# torch (built with GNU OpenMP) is already loaded, that name resolves to torch's own copy, so the kernel and
+# torch share one pool of threads instead of two pools competing for the cores.
 FLAG_SETS = [
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
