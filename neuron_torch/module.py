@@ -145,26 +145,28 @@ class NeuronModule(L.LightningModule):
         n_updates = min(len(batches), self.trainer.max_steps - self.global_step)  # max_steps counts updates
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         parameters = dict(self.net.named_parameters())
-        rows = []
+        snapshots = []
         for X, Y in batches[:n_updates]:
-            row = self._update(X, Y, parameters, optimizer, schedule)
-            rows.append(row)
-            if self.hparams.tol > 0 and row[1].item() < self.hparams.tol:
-                self.converged_at = self.global_step
+            snapshot, converged = self._update(X, Y, parameters, optimizer, schedule)
+            snapshots.append(snapshot)
+            if converged:
                 self.trainer.should_stop = True
                 break
-        self.tracked_rows = torch.stack(rows)  # (updates run, columns), still on the device
+        self.tracked_rows = self.net.tracked_rows(torch.stack(snapshots))  # (updates run, columns), on device
 
-    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule) -> Tensor:
-        """One hand-written update; returns the tracked row of the state it started from."""
+    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule) -> tuple[Tensor, bool]:
+        """One hand-written update; returns the network's snapshot of the state it started from, and whether
+        the gradient norm there was under ``tol``."""
         bp = self.net.forward_backward(X, Y)
         loss, grads = bp.loss, bp.gradients
         hessian = self._hessian(X) if self.hparams.update_rule == "newton" else None
         if self.trainer.world_size > 1:
             loss, grads, hessian = self._all_reduce(X.shape[0], loss, grads, hessian)
-        grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
-        # record the state this update starts from: loss(w, b), ‖∇‖ and w, b themselves
-        row = torch.cat([loss.view(1), grad_norm.view(1), self.net.tracked_values(bp)])
+        # the state this update starts from: loss(w, b), the gradients and w, b themselves
+        snapshot, converged = self.net.snapshot(loss, grads, bp), False
+        if self.hparams.tol > 0:  # the gradient norm is read on the host only when it can stop training
+            grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
+            converged = grad_norm.item() < self.hparams.tol
 
         for name, p in parameters.items():
             p.grad = grads[name]
@@ -174,7 +176,9 @@ class NeuronModule(L.LightningModule):
             optimizer.step(hessian=hessian)
         if schedule is not None:
             schedule.step()
-        return row
+        if converged:
+            self.converged_at = self.global_step  # the updates run, this one included
+        return snapshot, converged
 
     def _hessian(self, X: Tensor) -> Tensor:
         """The single neuron's ``(w, b)`` Hessian of the loss, L2 included, shape (n + 1, n + 1)."""

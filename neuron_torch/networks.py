@@ -156,6 +156,25 @@ class HandBackprop(nn.Module):
                 names.append(f"layer{i + 1}/dead_relu")
         return names
 
+    def snapshot(self, loss: Tensor, gradients: dict[str, Tensor], bp: BackwardPass) -> Tensor:
+        """What the tracker keeps of one update, taken before the parameters change, shape (s,).
+
+        Parameters
+        ----------
+        loss : Tensor, shape ()
+        gradients : dict of str to Tensor
+            The gradients the update applies (summed over data-parallel ranks).
+        bp : BackwardPass
+            The pass they came from.
+        """
+        grad_norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradients.values()]))
+        return torch.cat([loss.view(1), grad_norm.view(1), self.tracked_values(bp)])
+
+    def tracked_rows(self, snapshots: Tensor) -> Tensor:
+        """Turn a training step's snapshots (k, s) into tracked rows (k, 2 + len(tracked_names)): the loss,
+        the gradient norm, then the values of :meth:`tracked_values`."""
+        return snapshots
+
     def tracked_values(self, bp: BackwardPass) -> Tensor:
         """The values named by :meth:`tracked_names`, as one row on the parameters' device."""
         values = []
@@ -260,6 +279,18 @@ class SingleNeuron(HandBackprop):
 
     def tracked_values(self, bp: BackwardPass) -> Tensor:
         return torch.cat([self.linear.bias, self.linear.weight[0]])  # (1 + n,)
+
+    def snapshot(self, loss: Tensor, gradients: dict[str, Tensor], bp: BackwardPass) -> Tensor:
+        # one copy per update, (loss, b, w, db, dw) of shape (2n + 3,); the norms wait for tracked_rows, which
+        # takes them for a whole training step at once
+        name = self._names[0]
+        return torch.cat([loss.view(1), self.linear.bias, self.linear.weight.view(-1), gradients[name + "bias"],
+                          gradients[name + "weight"].view(-1)])
+
+    def tracked_rows(self, snapshots: Tensor) -> Tensor:
+        n = self.linear.in_features
+        loss, values, grads = snapshots[:, :1], snapshots[:, 1:n + 2], snapshots[:, n + 2:]
+        return torch.cat([loss, torch.linalg.vector_norm(grads, dim=1, keepdim=True), values], dim=1)
 
 
 class DeepNetwork(HandBackprop):
