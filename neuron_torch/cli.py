@@ -95,12 +95,16 @@ class NeuronCLI(LightningCLI):
         """The Trainer's config with ``val_check_interval`` turned from updates into training steps.
 
         Each training step runs ``model.updates_per_step`` updates; that count is lowered to a divisor of the
-        validation interval (and of any checkpoint interval), so validation and checkpoints fall on the
-        same updates whatever it is. It changes no number, only how often Lightning's loop turns.
+        validation interval, of any checkpoint interval and of a resumed checkpoint's update count, so
+        validation and checkpoints fall on the same updates whatever it is. It changes no number, only how
+        often Lightning's loop turns.
         """
         k = self.model.updates_per_step
         every = config.get("val_check_interval")
         intervals = [every] if isinstance(every, int) else []
+        resumed_at = _global_step_of(self.config.get("ckpt_path"))
+        if resumed_at:  # a resumed run's steps must start on a step boundary too
+            intervals.append(resumed_at)
         intervals += [c._every_n_train_steps for c in callbacks
                       if isinstance(c, ModelCheckpoint) and c._every_n_train_steps]
         for interval in intervals:
@@ -247,6 +251,19 @@ def _default_run_name(model: NeuronModule) -> str:
     kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
     unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
     return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
+
+
+def _global_step_of(ckpt_path: Optional[str]) -> int:
+    """Updates done by the run that wrote a checkpoint; 0 when there is none or it cannot be read (the path
+    is checked, with a clear error, before training)."""
+    import torch
+
+    if ckpt_path is None:
+        return 0
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+    except Exception:
+        return 0
 
 
 def _run_id_of(ckpt_path: str) -> Optional[str]:

@@ -194,12 +194,22 @@ def _listing(values, limit: int = 8) -> str:
 # --- what training iterates over -------------------------------------------------------------------------------
 
 
+class BatchGroup:
+    """The mini-batches of one training step, in order: ``batches`` is a list of ``(X, Y)`` pairs.
+
+    A class of its own (not a list), so that a loader yielding ``[X, Y]`` lists is never taken for a group.
+    """
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]):
+        self.batches = batches
+
+
 class BatchStream:
     """An endless stream of training batches cut from tensors that already sit on the device.
 
     Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
     ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
-    is a list of the next ``group`` mini-batches (the updates of one training step). The stream is one long
+    is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The stream is one long
     epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first
     batch to hand out: a resumed run passes its update count and continues the sequence exactly where it
     stopped (the Trainer fetches one item ahead, so a count kept by the stream itself would be off).
@@ -216,11 +226,10 @@ class BatchStream:
     def __iter__(self) -> Iterator:
         if self.batch_size == self.X.shape[0]:
             while True:
-                self.position += self.group
                 yield self.X, self.Y
         batches = self._batches()
         while True:
-            yield [next(batches) for _ in range(self.group)]
+            yield BatchGroup([next(batches) for _ in range(self.group)])
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:

@@ -15,6 +15,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Sc
                                          BinaryRecall)
 
 from neuron_torch import layers
+from neuron_torch.data import BatchGroup
 from neuron_torch.networks import ActivationName, DeepNetwork, HandBackprop, Init, SingleNeuron
 from neuron_torch.optim import make_update_rule
 
@@ -126,6 +127,13 @@ class NeuronModule(L.LightningModule):
             self.feature_mean.copy_(torch.as_tensor(datamodule.mean))
             self.feature_std.copy_(torch.as_tensor(datamodule.std))
 
+    def on_train_start(self) -> None:
+        # Lightning validates (val_check_interval) by counting training steps. A run resumed from a checkpoint
+        # written with another updates_per_step restored that run's count: derive it from the updates done.
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        steps = self.global_step // self.updates_per_step
+        progress.ready = progress.started = progress.processed = progress.completed = steps
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = make_update_rule(hp.update_rule, self.net.parameters(), hp.learning_rate, hp.momentum,
@@ -141,7 +149,7 @@ class NeuronModule(L.LightningModule):
     @torch.no_grad()  # the gradients are ours: no autograd graph is built
     def training_step(self, batch, batch_idx: int) -> None:
         # a full batch is reused by every update; a mini-batch stream hands one group of batches per step
-        batches = batch if isinstance(batch, list) else [batch] * self.updates_per_step
+        batches = batch.batches if isinstance(batch, BatchGroup) else [batch] * self.updates_per_step
         n_updates = min(len(batches), self.trainer.max_steps - self.global_step)  # max_steps counts updates
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         parameters = dict(self.net.named_parameters())
@@ -261,7 +269,7 @@ class LossProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         bar, now = self.train_progress_bar, time.monotonic()
         done = trainer.global_step >= trainer.max_steps or trainer.should_stop
-        if bar is None or bar.disable or (now - self._last_refresh < self.refresh_seconds and not done):
+        if bar.disable or (now - self._last_refresh < self.refresh_seconds and not done):
             return
         self._last_refresh = now
         bar.n = trainer.global_step

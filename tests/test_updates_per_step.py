@@ -101,3 +101,41 @@ def test_log_every_n_steps_below_one_is_a_clear_error(tracking_uri, runs_of, cap
     assert train(["--mlflow.log_every_n_steps", "0", "--trainer.max_steps", "5"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: mlflow.log_every_n_steps must be >= 1, got 0"
     assert runs_of(tracking_uri) == []
+
+
+def test_resume_with_another_updates_per_step_validates_on_the_same_updates(tracking_uri, runs_of, tmp_path):
+    """A checkpoint written at one update per step, resumed at ten: validation still falls every 50 updates."""
+    from pathlib import Path
+
+    every_20 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                "--trainer.callbacks.every_n_train_steps=20", "--trainer.callbacks.save_top_k=-1"]
+    args = ["--trainer.enable_progress_bar", "false", "--trainer.precision", "64-true", "--trainer.max_steps",
+            "100", "--trainer.val_check_interval", "50"]
+    assert train(args + every_20 + ["--model.updates_per_step", "1", "--mlflow.run_name", "straight"]) == 0
+    (straight,) = runs_of(tracking_uri)
+    ckpt = next(Path("checkpoints", straight.info.run_id).glob("*step=20*.ckpt"))
+    assert train(args + ["--model.updates_per_step", "10", "--ckpt_path", str(ckpt),
+                         "--mlflow.run_name", "resumed"]) == 0
+    resumed = next(r for r in runs_of(tracking_uri) if r.info.run_name == "resumed")
+    client = MlflowClient(tracking_uri)
+    val = {r.info.run_name: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val/loss"))
+           for r in (straight, resumed)}
+    assert [step for step, _ in val["straight"]] == [50, 100]
+    assert val["resumed"] == val["straight"]
+
+
+def test_a_plain_dataloader_of_lists_is_one_batch_per_step(tmp_path):
+    """``DataLoader(TensorDataset(X, Y))`` yields ``[X, Y]`` lists: each is one batch, never a group."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from neuron_torch.module import NeuronModule
+
+    X, Y = torch.randn(40, 3), (torch.rand(40, 1) > 0.5).float()
+    model = NeuronModule(["a", "b", "c"], learning_rate=0.1)
+    trainer = L.Trainer(max_steps=7, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=8))
+    assert trainer.global_step == 7
+    assert model.tracked_rows.shape == (1, 2 + 1 + 3)
