@@ -209,10 +209,11 @@ class BatchStream:
 
     Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
     ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
-    is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The stream is one long
-    epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first
-    batch to hand out: a resumed run passes its update count and continues the sequence exactly where it
-    stopped (the Trainer fetches one item ahead, so a count kept by the stream itself would be off).
+    is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The
+    stream is one long epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the
+    index of the first mini-batch to hand out: a resumed run passes its update count and continues the
+    sequence exactly where it stopped (the Trainer fetches one item ahead, so a count kept by the stream
+    itself would be off).
     """
 
     def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0,
@@ -221,7 +222,7 @@ class BatchStream:
         m = X.shape[0]
         self.batch_size = m if batch_size is None or batch_size >= m else batch_size
         self.batches_per_pass = math.ceil(m / self.batch_size)
-        self.position = position  # batches handed out so far
+        self.position = position  # mini-batches handed out so far
 
     def __iter__(self) -> Iterator:
         if self.batch_size == self.X.shape[0]:
