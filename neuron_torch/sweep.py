@@ -6,35 +6,11 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 log = logging.getLogger("neuron_torch")
 
 SHORT_NAMES = {"learning_rate": "lr"}  # the classic figure says lr=0.1
-
-
-@dataclass
-class SweepSettings:
-    """A grid of config values, each point trained as a child run of one parent run.
-
-    Parameters
-    ----------
-    grid : dict of str to list
-        Dotted config key → values, e.g. ``{"model.learning_rate": [0.01, 0.1, 1.0]}``; every combination
-        is trained. Empty: no sweep, a single run.
-    metric : str
-        The metric that picks the best child (tagged ``best``), e.g. ``val/loss`` or ``test/accuracy``.
-    mode : {"min", "max"}
-        Whether the best child has the smallest or the largest ``metric``.
-    workers : int
-        Children trained at once, in separate processes, into the same store.
-    """
-
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    workers: int = 1
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -64,13 +40,13 @@ def child_args(base: list[str], point: dict[str, Any], parent_run_id: str, quiet
 def _train_child(args: list[str]) -> int:  # top level, so worker processes can import it
     import sys
 
-    from neuron_torch.cli import train
+    from neuron_torch.training import train
 
     sys.argv = sys.argv[:1]  # the child's arguments are `args`, not the sweep's command line
     return train(args)
 
 
-def run_sweep(run, settings: SweepSettings, base_args: list[str]) -> tuple[list, str | None]:
+def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
     """Train every grid point as a child of ``run`` (a :class:`~neuron_torch.tracking.TrackedRun`), then log
     the overlay of their loss curves, a table of their final metrics and the best child's tag on the parent.
 

@@ -1,8 +1,7 @@
-"""MLflow tracking: the run's life cycle, metrics written in large batches off the training thread, artifacts.
+"""MLflow tracking: the run's life cycle and the callback that streams each update's values to it.
 
 Per-update values stay on the device in a buffer of ``chunk`` rows; a full buffer is copied to the host in
-one transfer and handed to a writer thread, which appends it to the full-resolution trajectory (Parquet)
-and sends the metrics to MLflow in batches of up to 1,000 values. Training never waits on the store.
+one transfer and handed to the background :class:`~neuron_torch.writer.MetricWriter`.
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -22,13 +19,14 @@ import lightning as L
 import numpy as np
 import torch
 
+from neuron_torch.writer import MetricWriter
+
 if TYPE_CHECKING:
     import pandas
 
 log = logging.getLogger("neuron_torch")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow ui` reads it with no flags
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 # Default points per per-update metric in MLflow. Each value costs the store about 0.1 ms of Python (SQLAlchemy),
 # so values must not grow with the number of updates; the UI's charts sample a few hundred points anyway, and
 # the trajectory artifact has every update.
@@ -40,102 +38,6 @@ MAX_PARAM_LENGTH = 6000
 def resolve_tracking_uri(configured: Optional[str]) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else MLflow's default sqlite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-
-
-class MetricWriter:
-    """Sends metrics and trajectory rows to one MLflow run from a background thread.
-
-    Parameters
-    ----------
-    client : mlflow.MlflowClient
-    run_id : str
-    folder : Path
-        Where the trajectory Parquet file is written before it is uploaded.
-    """
-
-    def __init__(self, client, run_id: str, folder: Path):
-        self.client, self.run_id, self.folder = client, run_id, folder
-        self._queue: queue.Queue = queue.Queue()
-        self._error: Optional[BaseException] = None
-        self._trajectory = None  # pyarrow.parquet.ParquetWriter, opened with the first rows
-        self._columns: list[str] = []
-        self._metric_columns: list[int] = []
-        self._every = 1
-        self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
-        self._thread.start()
-
-    # --- called from the training thread ------------------------------------------------------------------
-
-    def set_columns(self, names: list[str], metric_columns: list[int], every: int) -> None:
-        """Name the trajectory's columns; ``metric_columns`` of them also go to MLflow every ``every`` steps."""
-        self._queue.put(("columns", (names, metric_columns, every)))
-
-    def log_rows(self, steps: np.ndarray, rows: np.ndarray) -> None:
-        """Queue trajectory rows: ``steps`` (k,) and ``rows`` (k, len(names))."""
-        self._queue.put(("rows", (steps, rows)))
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._queue.put(("metrics", (metrics, step)))
-
-    def close(self) -> Optional[Path]:
-        """Write everything queued, wait for it, and return the trajectory file (None if no rows came)."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self.folder / "trajectory.parquet" if self._trajectory is not None else None
-
-    # --- the writer thread -------------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        from mlflow.entities import Metric
-
-        pending: list = []
-        item: object = ()
-        try:
-            while True:
-                item = self._queue.get()
-                if item is None:  # closing: send what is still pending, then stop
-                    for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-                        self.client.log_batch(self.run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH],
-                                              synchronous=True)
-                    break
-                kind, payload = item
-                now = int(time.time() * 1000)
-                if kind == "columns":
-                    self._columns, self._metric_columns, self._every = payload
-                elif kind == "metrics":
-                    values, step = payload
-                    pending += [Metric(k, float(v), now, step) for k, v in values.items()]
-                else:
-                    steps, rows = payload
-                    self._append_trajectory(steps, rows)
-                    keep = steps % self._every == 0
-                    for step, row in zip(steps[keep].tolist(), rows[keep][:, self._metric_columns].tolist()):
-                        pending += [Metric(self._columns[j], v, now, step)
-                                    for j, v in zip(self._metric_columns, row)]
-                # send whole batches while more is queued; everything once the queue is idle
-                while len(pending) >= MAX_METRICS_PER_BATCH or (pending and self._queue.empty()):
-                    batch, pending = pending[:MAX_METRICS_PER_BATCH], pending[MAX_METRICS_PER_BATCH:]
-                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        except BaseException as err:  # kept and raised in close(), on the training thread
-            self._error = err
-            while item is not None:  # drain up to the closing marker, so close() never blocks
-                item = self._queue.get()
-        finally:
-            if self._trajectory is not None:
-                self._trajectory.close()
-
-    def _append_trajectory(self, steps: np.ndarray, rows: np.ndarray) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        columns = {"step": pa.array(steps)}
-        columns.update({name: pa.array(rows[:, j]) for j, name in enumerate(self._columns)})
-        table = pa.table(columns)
-        if self._trajectory is None:
-            self._trajectory = pq.ParquetWriter(self.folder / "trajectory.parquet", table.schema)
-        self._trajectory.write_table(table)
 
 
 class TrackedRun:
@@ -309,25 +211,6 @@ class MLflowTracking(L.Callback):
         self._flush()  # nothing buffered is lost, whatever ended the run
 
 
-def weight_table(module) -> "pandas.DataFrame":
-    """The trained parameters as a table: ``feature, weight, bias`` for the single neuron; one row per entry
-    (``parameter, row, column, value``) for deeper networks."""
-    import pandas as pd
-
-    from neuron_torch.networks import SingleNeuron
-
-    net = module.net
-    if isinstance(net, SingleNeuron):
-        w = net.linear.weight.detach().double().cpu().numpy()[0]
-        b = float(net.linear.bias.detach().double().cpu())
-        return pd.DataFrame({"feature": module.feature_names, "weight": w, "bias": b})
-    rows = []
-    for name, p in net.named_parameters():
-        values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
-        rows += [(name, i, j, v) for (i, j), v in np.ndenumerate(values)]
-    return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
-
-
 @contextlib.contextmanager
 def fluent_tracking_uri(uri: str):
     """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``load_model``) at ``uri`` for a while.
@@ -349,80 +232,3 @@ def fluent_tracking_uri(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
-def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
-              register_as: Optional[str] = None) -> None:
-    """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
-
-    Parameters
-    ----------
-    run : TrackedRun
-    module : NeuronModule
-        The trained module: weights, standardisation statistics, feature names and hyperparameters.
-    X_example : ndarray, shape (k, n)
-        A few raw rows, for the input example and the signature.
-    classes : tuple of str
-        The label values mapped to 0 and to 1.
-    config_yaml : str
-        The resolved config, kept with the model as ``config.yaml``.
-    register_as : str, optional
-        Register the model under this name in the Model Registry.
-    """
-    import json
-
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    import neuron_torch
-    from neuron_torch import pyfunc_model
-
-    hp = module.hparams
-    folder = run.folder / "model-files"
-    folder.mkdir(exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in module.net.state_dict().items()}, folder / "weights.pt")
-    meta = {"feature_names": module.feature_names, "classes": list(classes),
-            "feature_mean": module.feature_mean.double().cpu().tolist(),
-            "feature_std": module.feature_std.double().cpu().tolist(),
-            "hidden_sizes": list(hp.hidden_sizes), "activation": hp.activation}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    (folder / "config.yaml").write_text(config_yaml)
-    example = pd.DataFrame(X_example, columns=module.feature_names)
-    with torch.no_grad():
-        X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
-        probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
-    with fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
-        # start_run resumes our run; TrackedRun sets its final status again when it ends
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=pyfunc_model.__file__,
-            artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json"),
-                       "config": str(folder / "config.yaml")},
-            registered_model_name=register_as,
-            code_paths=[str(Path(neuron_torch.__file__).parent)],
-            signature=infer_signature(example, probability),
-            input_example=example,
-            pip_requirements=["torch", "pandas", "numpy", "mlflow"],
-        )
-
-
-def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) -> None:
-    """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
-    for two-feature data, as PNG artifacts under ``plots/``."""
-    import pandas as pd
-
-    from neuron_torch import plots
-
-    history = tracker.history()
-    if len(history):
-        run.log_figure(plots.loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
-        run.log_figure(plots.trajectories(history), "plots/trajectories.png")
-    X_raw, y = datamodule.raw_split("test")
-    probability = module.predict_proba(torch.from_numpy(X_raw))[:, 0].double().cpu().numpy()
-    if len(np.unique(y)) == 2:  # a ROC curve needs both labels among the test rows
-        run.log_figure(plots.roc_curve(y, probability), "plots/roc.png")
-    run.log_figure(plots.confusion_matrix(y, probability, datamodule.classes), "plots/confusion_matrix.png")
-    if len(module.feature_names) == 2:
-        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names),
-                       "plots/decision_boundary.png")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-import neuron_torch.cli as cli_module
+import neuron_torch.config as cli_module
 from neuron_torch import DeepNetwork, SingleNeuron
 from neuron_torch.cli import train
 

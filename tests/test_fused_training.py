@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
-import neuron_torch.cli as cli_module
+import neuron_torch.config as cli_module
 from neuron_torch import fused
 from neuron_torch.cli import train
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-import neuron_torch.cli as cli_module
+import neuron_torch.config as cli_module
 from neuron_torch.cli import train
 
 L2 = 0.01

@@ -23,7 +23,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-import neuron_torch.cli as cli_module
+import neuron_torch.config as cli_module
 from conftest import own_log_handler
 from neuron_torch.cli import train
 from neuron_torch.module import ConvergenceWarning

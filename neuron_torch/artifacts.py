@@ -1,0 +1,110 @@
+"""What a finished run leaves in MLflow besides metrics: the weight table, the model and the figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from neuron_torch.tracking import MLflowTracking, TrackedRun, fluent_tracking_uri
+
+if TYPE_CHECKING:
+    import pandas
+
+
+def weight_table(module) -> "pandas.DataFrame":
+    """The trained parameters as a table: ``feature, weight, bias`` for the single neuron; one row per entry
+    (``parameter, row, column, value``) for deeper networks."""
+    import pandas as pd
+
+    from neuron_torch.networks import SingleNeuron
+
+    net = module.net
+    if isinstance(net, SingleNeuron):
+        w = net.linear.weight.detach().double().cpu().numpy()[0]
+        b = float(net.linear.bias.detach().double().cpu())
+        return pd.DataFrame({"feature": module.feature_names, "weight": w, "bias": b})
+    rows = []
+    for name, p in net.named_parameters():
+        values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
+        rows += [(name, i, j, v) for (i, j), v in np.ndenumerate(values)]
+    return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
+
+
+def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
+              register_as: Optional[str] = None) -> None:
+    """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
+
+    Parameters
+    ----------
+    run : TrackedRun
+    module : NeuronModule
+        The trained module: weights, standardisation statistics, feature names and hyperparameters.
+    X_example : ndarray, shape (k, n)
+        A few raw rows, for the input example and the signature.
+    classes : tuple of str
+        The label values mapped to 0 and to 1.
+    config_yaml : str
+        The resolved config, kept with the model as ``config.yaml``.
+    register_as : str, optional
+        Register the model under this name in the Model Registry.
+    """
+    import json
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import neuron_torch
+    from neuron_torch import pyfunc_model
+
+    hp = module.hparams
+    folder = run.folder / "model-files"
+    folder.mkdir(exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in module.net.state_dict().items()}, folder / "weights.pt")
+    meta = {"feature_names": module.feature_names, "classes": list(classes),
+            "feature_mean": module.feature_mean.double().cpu().tolist(),
+            "feature_std": module.feature_std.double().cpu().tolist(),
+            "hidden_sizes": list(hp.hidden_sizes), "activation": hp.activation}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    (folder / "config.yaml").write_text(config_yaml)
+    example = pd.DataFrame(X_example, columns=module.feature_names)
+    with torch.no_grad():
+        X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
+        probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
+    with fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
+        # start_run resumes our run; TrackedRun sets its final status again when it ends
+        mlflow.pyfunc.log_model(
+            name="model",
+            python_model=pyfunc_model.__file__,
+            artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json"),
+                       "config": str(folder / "config.yaml")},
+            registered_model_name=register_as,
+            code_paths=[str(Path(neuron_torch.__file__).parent)],
+            signature=infer_signature(example, probability),
+            input_example=example,
+            pip_requirements=["torch", "pandas", "numpy", "mlflow"],
+        )
+
+
+def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) -> None:
+    """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
+    for two-feature data, as PNG artifacts under ``plots/``."""
+    import pandas as pd
+
+    from neuron_torch import plots
+
+    history = tracker.history()
+    if len(history):
+        run.log_figure(plots.loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
+        run.log_figure(plots.trajectories(history), "plots/trajectories.png")
+    X_raw, y = datamodule.raw_split("test")
+    probability = module.predict_proba(torch.from_numpy(X_raw))[:, 0].double().cpu().numpy()
+    if len(np.unique(y)) == 2:  # a ROC curve needs both labels among the test rows
+        run.log_figure(plots.roc_curve(y, probability), "plots/roc.png")
+    run.log_figure(plots.confusion_matrix(y, probability, datamodule.classes), "plots/confusion_matrix.png")
+    if len(module.feature_names) == 2:
+        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names),
+                       "plots/decision_boundary.png")

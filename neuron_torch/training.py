@@ -1,0 +1,167 @@
+"""One training run, start to end: config → seed → data → model → tracking → fit → test → summary.
+
+Both ``neuron-torch train`` and each child of a sweep come here; the CLI and the sweep call down to it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from neuron_torch import config
+from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
+from neuron_torch.console import setup_logging, user_error
+from neuron_torch.data import DataError
+from neuron_torch.module import NeuronModule
+
+SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
+
+
+def train(args: Optional[list[str]] = None) -> int:
+    """Config → seed → data → model → tracking → fit → test → summary. Returns the exit code."""
+    setup_logging()
+    argv = list(args) if args is not None else sys.argv[1:]  # what a sweep repeats for each grid point
+
+    # config, seed, data (read and checked), model and trainer, all before an MLflow run exists
+    try:
+        cli = config.build_cli(args)
+    except (DataError, ValueError) as err:
+        return user_error(err)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    settings: MLflowSettings = cli.config_init.mlflow
+    if str(trainer.precision) not in SUPPORTED_PRECISION:
+        return user_error(f"trainer.precision must be 32-true (float32) or 64-true (float64), "
+                           f"got {trainer.precision}")
+    if trainer.max_steps is None or trainer.max_steps < 1:
+        return user_error("trainer.max_steps must be >= 1: training is one stream of updates")
+    if settings.log_every_n_steps is not None and settings.log_every_n_steps < 1:
+        return user_error(f"mlflow.log_every_n_steps must be >= 1, got {settings.log_every_n_steps}")
+
+    if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        return 0
+
+    # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
+    from neuron_torch import artifacts, tracking  # imports MLflow, which --help and config errors need not wait for
+
+    uri = tracking.resolve_tracking_uri(settings.tracking_uri)
+    tags = {"data": data.table_source, "network": type(model.net).__name__}
+    if settings.parent_run_id:
+        tags["mlflow.parentRunId"] = settings.parent_run_id
+    sweep: SweepSettings = cli.config_init.sweep
+    if sweep.grid:
+        return _sweep(cli, sweep, argv, uri, tags)
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path is not None:
+        if not Path(ckpt_path).is_file():
+            return user_error(f"{ckpt_path}: checkpoint not found")
+        try:
+            tags["resumed_from"] = _run_id_of(ckpt_path) or ""
+        except Exception as err:  # not a file torch can read: the user's path is wrong
+            return user_error(f"{ckpt_path}: not a Lightning checkpoint ({type(err).__name__})")
+    run_name = settings.run_name or _default_run_name(model)
+    run = None
+    try:
+        with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
+            run.log_params(_flat_config(cli))
+            config_yaml = cli.parser.dump(cli.config, skip_unset=False)
+            run.log_text(config_yaml, "config.yaml")
+            tracker = tracking.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
+            trainer.callbacks.append(tracker)
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
+                trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
+
+            model.mlflow_run_id = run.run_id  # saved in checkpoints, so a resumed run can name its origin
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+            results = trainer.test(model, datamodule=data, verbose=False)[0]
+
+            run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
+            artifacts.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
+                               settings.register_as)
+            artifacts.log_figures(run, tracker, model, data)
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+                run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
+    except (SystemExit, KeyboardInterrupt):
+        if getattr(run, "status", None) == "KILLED":
+            print(f"\ninterrupted: run {run.run_id} was marked KILLED, with everything logged so far",
+                  file=sys.stderr)
+            return 130
+        raise
+
+    _summary(run, uri, results, model)
+    return 0
+
+
+def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
+    """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
+    from neuron_torch import tracking
+    from neuron_torch.sweep import grid_points, run_sweep
+
+    flat = _flat_config(cli)
+    unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
+    if unknown:
+        return user_error(f"sweep.grid: {unknown[0]!r} is not a model, data or trainer key of the config")
+    if any(not isinstance(values, list) or not values for values in sweep.grid.values()):
+        return user_error("sweep.grid: every key needs a non-empty list of values")
+    settings: MLflowSettings = cli.config_init.mlflow
+    name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%m%d-%H%M%S')}"
+    with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
+        run.log_params(flat)
+        run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
+        children, best_id = run_sweep(run, sweep, args)
+    print(f"\nsweep {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}, "
+          f"{len(grid_points(sweep.grid))} runs")
+    for child in children:
+        value = child.data.metrics.get(sweep.metric, float("nan"))
+        best = "  <- best" if child.info.run_id == best_id else ""
+        print(f"  {child.info.run_name:<28} {sweep.metric} {value:.4f}{best}")
+    print(f"compare them with: {_ui_command(uri)}   (open the experiment, select the runs, Compare)")
+    return 0
+
+
+def _default_run_name(model: NeuronModule) -> str:
+    """What the run is, at a glance: ``neuron-gd-lr0.5-…`` or ``net16x16-adam-lr0.02-…``, plus the time.
+
+    (MLflow's own random names repeat here, as its generator draws from the seeded ``random`` module.)
+    """
+    hp = model.hparams
+    kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
+    unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
+    return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
+
+
+def _run_id_of(ckpt_path: str) -> Optional[str]:
+    """The MLflow run that wrote a checkpoint (None for checkpoints from elsewhere)."""
+    import torch
+
+    # a Lightning checkpoint holds hyperparameters as Python objects: the user's own file, loaded in full
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+
+
+def _flat_config(cli: NeuronCLI) -> dict[str, object]:
+    """Every resolved config key, dotted (``model.learning_rate``), for MLflow params."""
+    flat = vars(cli.config.clone().as_flat())
+    flat.pop("__default_config__", None)
+    flat["config"] = [str(path) for path in flat.get("config") or []]  # the --config files given
+    return {key: value for key, value in sorted(flat.items())}
+
+
+def _summary(run, uri: str, results: dict[str, float], model: NeuronModule) -> None:
+    lines = ["", f"run {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}"]
+    steps = model.global_step
+    converged = f", converged (gradient norm < tol) at step {model.converged_at}" if model.converged_at else ""
+    lines.append(f"  {steps} updates{converged}")
+    for key in sorted(results):
+        lines.append(f"  {key:<16} {results[key]:.4f}")
+    lines.append(f"see it with: {_ui_command(uri)}   (then open http://127.0.0.1:5000)")
+    print("\n".join(lines))
+
+
+def _ui_command(uri: str) -> str:
+    return "mlflow ui" if uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {uri}"
