@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import lightning as L
@@ -13,13 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# DataError lives with the table reading that prediction shares; it is imported from here too
+from neuron_torch.tables import DataError, feature_matrix, listing, read_frame, refuse_nested  # noqa: F401
+
 log = logging.getLogger("neuron_torch")
 
 Dataset = Literal["breast_cancer", "synthetic", "moons", "circles", "xor"]
-
-
-class DataError(ValueError):
-    """A problem with the user's data, told in one line (file, column, row where it applies)."""
 
 
 @dataclass
@@ -90,72 +88,33 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
     DataError
         With a one-line message naming the file, column and row (1-based, counting data rows).
     """
-    import pandas as pd
-
-    file = Path(path)
     if target is None:
         raise DataError(f"{path}: set --data.target to the label column")
-    if not file.is_file():
-        raise DataError(f"{path}: file not found")
-    suffix = file.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(file)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            frame = pd.read_csv(file, sep="\t" if suffix == ".tsv" else ",")
-        else:
-            raise DataError(f"{path}: unknown file type {suffix!r}; use .csv or .parquet")
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path}: cannot be read as {suffix[1:]}: {str(err).splitlines()[0]}") from None
-    frame.columns = [str(c) for c in frame.columns]
-    if len(frame) == 0:
-        raise DataError(f"{path}: the table has a header but no rows")
+    frame = read_frame(path)
     if target not in frame.columns:
-        raise DataError(f"{path}: no column {target!r} (columns: {_listing(frame.columns)})")
+        raise DataError(f"{path}: no column {target!r} (columns: {listing(frame.columns)})")
     if features is None:
         features = [c for c in frame.columns if c != target]
     missing = [c for c in features if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {_listing(frame.columns)})")
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {listing(frame.columns)})")
+    repeated = [c for i, c in enumerate(features) if c in features[:i]]
+    if repeated:
+        raise DataError(f"{path}: data.features names column {repeated[0]!r} more than once")
     if target in features:
         raise DataError(f"{path}: column {target!r} is the target and cannot also be a feature")
     if not features:
         raise DataError(f"{path}: no feature columns besides the target {target!r}")
 
-    X = np.empty((len(frame), len(features)), dtype=np.float64)
-    for j, name in enumerate(features):
-        X[:, j] = _numeric_column(frame[name], path, name)
+    X = feature_matrix(frame, features, path)  # the same checks as prediction applies
     y, classes = _binary_labels(frame[target], path, target, positive_label)
     return Table(X, y, list(features), str(path), classes)
-
-
-def _numeric_column(column, path: str, name: str) -> np.ndarray:
-    import pandas as pd
-
-    if column.dtype == bool:
-        column = column.astype(np.float64)
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raw = column.iloc[row]
-        if pd.isna(raw):
-            what = "missing value"
-        elif isinstance(raw, str) and np.isnan(values[row]):
-            what = f"{raw!r} is not a number"
-        else:
-            what = f"non-finite value {raw}"
-        raise DataError(f"{path}: column {name!r}, row {row + 1}: {what}")
-    return values
 
 
 def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) -> tuple[np.ndarray, tuple]:
     import pandas as pd
 
+    refuse_nested(column, path, name)
     missing = column.isna().to_numpy()
     if missing.any():
         raise DataError(f"{path}: column {name!r}, row {int(np.argmax(missing)) + 1}: missing label")
@@ -164,7 +123,7 @@ def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) 
     values.sort(key=float if numeric else str)
     if len(values) != 2:
         raise DataError(f"{path}: column {name!r} has {len(values)} distinct label value"
-                        f"{'s' if len(values) != 1 else ''} ({_listing(values)}); exactly 2 are needed")
+                        f"{'s' if len(values) != 1 else ''} ({listing(values)}); exactly 2 are needed")
     if positive_label is None:
         positive = values[1]  # 1 of 0/1, True of booleans, the larger value otherwise
     else:
@@ -172,7 +131,7 @@ def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) 
                    or (numeric and _as_float(positive_label) == float(v))]
         if not matches:
             raise DataError(f"{path}: data.positive_label {positive_label!r} is not a value of column "
-                            f"{name!r} ({_listing(values)})")
+                            f"{name!r} ({listing(values)})")
         positive = matches[0]
     negative = values[0] if positive is values[1] or positive == values[1] else values[1]
     y = (column == positive).to_numpy(dtype=np.float64)
@@ -184,11 +143,6 @@ def _as_float(text) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         return None
-
-
-def _listing(values, limit: int = 8) -> str:
-    shown = [str(v) for v in list(values)[:limit]]
-    return ", ".join(shown) + (", ..." if len(values) > limit else "")
 
 
 # --- what training iterates over -------------------------------------------------------------------------------
@@ -336,6 +290,10 @@ class NeuronDataModule(L.LightningDataModule):
         X_train = table.X[parts["train"]]
         self.mean = X_train.mean(0) if hp.standardize else np.zeros(X_train.shape[1])
         self.std = X_train.std(0) if hp.standardize else np.ones(X_train.shape[1])
+        overflowed = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(self.std)))
+        if overflowed.size:  # values are bounded when read; this guards the generated tables too
+            raise DataError(f"{table.source}: column {table.feature_names[overflowed[0]]!r}: its mean or spread "
+                            "overflows float64; rescale the column")
         constant = np.flatnonzero(self.std == 0)
         if constant.size:
             raise DataError(f"{table.source}: column {table.feature_names[constant[0]]!r} is constant on the "
@@ -346,9 +304,11 @@ class NeuronDataModule(L.LightningDataModule):
                    torch.from_numpy(table.y[rows]).unsqueeze(1))
             for name, rows in parts.items()
         }
-        log.info("data: %s, %d features; train/val/test %d/%d/%d rows; label 1 = %r, 0 = %r",
+        log.info("data: %s, %d features; train/val/test %d/%d/%d rows; label 1 = %r, 0 = %r%s",
                  table.source, len(self._feature_names), len(parts["train"]), n_val, n_test,
-                 table.classes[1], table.classes[0])
+                 table.classes[1], table.classes[0],
+                 f" (--data.positive_label {table.classes[0]} would make {table.classes[0]!r} label 1)"
+                 if hp.path else "")
 
     @property
     def feature_names(self) -> list[str]:

@@ -1,0 +1,228 @@
+"""Load a logged model without running any code from the artifact store.
+
+``mlflow.pyfunc.load_model`` executes the model's Python file and puts its copied ``code/`` folder on the
+import path (MLflow's design: whoever can write the store can run code where the model is loaded). This
+loader reads only three data files of the model (``weights.pt`` with ``torch.load(weights_only=True)``,
+``meta.json`` and ``config.yaml`` with a safe YAML parser) and builds the network from the installed
+``neuron_torch`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+
+from neuron_torch.tables import DataError, feature_matrix
+
+if TYPE_CHECKING:
+    import pandas
+
+# the files log_model writes, relative to the model's root (pyfunc keeps artifacts under artifacts/)
+FILES = ("weights.pt", "meta.json", "config.yaml")
+SUBFOLDER = "artifacts"
+
+
+class ModelLoadError(ValueError):
+    """A model URI that names nothing, or files that are not a model this package wrote; one line."""
+
+
+class NeuronPredictor:
+    """A trained network with its standardisation and labels: raw features in, probabilities or labels out.
+
+    Parameters
+    ----------
+    net : HandBackprop
+        The network (float64, eval mode), weights already loaded.
+    meta : dict
+        ``feature_names`` (n), ``classes`` (the labels mapped to 0 and to 1), ``feature_mean`` and
+        ``feature_std`` (n each): what ``meta.json`` holds.
+    config : dict, optional
+        The training run's resolved config (``config.yaml``), for reference.
+    """
+
+    def __init__(self, net: torch.nn.Module, meta: dict, config: Optional[dict] = None):
+        self.net = net
+        self.features: list[str] = list(meta["feature_names"])
+        self.classes: list[str] = list(meta["classes"])
+        self.mean = torch.tensor(meta["feature_mean"], dtype=torch.float64)  # (n,)
+        self.std = torch.tensor(meta["feature_std"], dtype=torch.float64)  # (n,)
+        self.config = config
+
+    def missing_columns(self, frame: "pandas.DataFrame") -> list[str]:
+        """The model's feature columns that ``frame`` lacks, in the model's order."""
+        return [name for name in self.features if name not in frame.columns]
+
+    def predict_proba(self, frame: "pandas.DataFrame", source: str = "input") -> np.ndarray:
+        """Probability of ``classes[1]`` for each row.
+
+        Parameters
+        ----------
+        frame : DataFrame, shape (m, k)
+            Raw (unstandardised) features, matched by column name; other columns are ignored.
+        source : str
+            Where the rows came from, for messages (a file name).
+
+        Returns
+        -------
+        ndarray, shape (m,), float64
+
+        Raises
+        ------
+        DataError
+            A missing column, or a cell that training would have refused (text, missing, inf, too large,
+            nested), named by source, column and row.
+        """
+        import pandas as pd
+
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
+        if not all(isinstance(c, str) for c in frame.columns):
+            frame = frame.rename(columns=str)  # a copy: the caller's frame keeps its names
+        missing = self.missing_columns(frame)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{source}: no column {missing[0]!r}{more}; the model needs "
+                            f"{len(self.features)}: {', '.join(self.features)}")
+        X = torch.from_numpy(feature_matrix(frame, self.features, source))  # (m, n), the training checks
+        with torch.no_grad():
+            probability = self.net((X - self.mean) / self.std)[:, 0].numpy()  # (m,)
+        undefined = np.isnan(probability)
+        if undefined.any():  # finite inputs far outside the training range can still overflow a deep net
+            raise DataError(f"{source}: row {int(np.argmax(undefined)) + 1}: the model's output is not a number "
+                            "(the row's values are too far outside the training range)")
+        return probability
+
+    def predict(self, frame: "pandas.DataFrame", threshold: float = 0.5, source: str = "input") -> np.ndarray:
+        """The label of each row: ``classes[1]`` where the probability is at least ``threshold``.
+
+        Returns
+        -------
+        ndarray, shape (m,), object
+            The original label values (as strings, as training recorded them).
+        """
+        probability = self.predict_proba(frame, source)
+        return np.where(probability >= threshold, self.classes[1], self.classes[0]).astype(object)
+
+
+def load_model(uri: str, tracking_uri: Optional[str] = None) -> NeuronPredictor:
+    """Load a model logged by a run, reading tensors, JSON and YAML only; no code from the store runs.
+
+    Parameters
+    ----------
+    uri : str
+        ``runs:/<run id>/model``, ``models:/<name>/<version>``, any MLflow artifact URI of the model, or a
+        local folder holding the model (as ``mlflow.artifacts.download_artifacts`` leaves it).
+    tracking_uri : str, optional
+        The store to resolve ``runs:/`` and ``models:/`` URIs in; default MLflow's own (``MLFLOW_TRACKING_URI``
+        or ``sqlite:///mlflow.db``).
+
+    Returns
+    -------
+    NeuronPredictor
+        ``predict_proba(frame)`` (m,) and ``predict(frame)`` (original labels).
+
+    Raises
+    ------
+    ModelLoadError
+        The URI names nothing, or a file is missing, not plain tensors, or not what this package writes.
+    """
+    with tempfile.TemporaryDirectory(prefix="neuron_torch-model-") as scratch:
+        paths = {name: _fetch(uri, name, Path(scratch), tracking_uri) for name in FILES}
+        return _from_files(uri, **{name.split(".")[0]: path for name, path in paths.items()})
+
+
+def predictor_from_files(weights: str, meta: str, config: Optional[str] = None) -> NeuronPredictor:
+    """The predictor from the three files on disk (what the pyfunc model does with its artifacts)."""
+    return _from_files(str(Path(meta).parent), Path(weights), Path(meta), Path(config) if config else None)
+
+
+def network_from_meta(meta: dict) -> torch.nn.Module:
+    """An untrained network of the shape ``meta`` describes, built from the installed package."""
+    from neuron_torch.networks import DeepNetwork, SingleNeuron
+
+    n = len(meta["feature_names"])
+    if meta.get("hidden_sizes"):
+        return DeepNetwork(n, [int(k) for k in meta["hidden_sizes"]], meta["activation"], init="xavier")
+    return SingleNeuron(n)
+
+
+def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -> NeuronPredictor:
+    import yaml
+
+    try:
+        description = json.loads(meta.read_text())
+        _check_meta(description)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelLoadError(f"{where}: meta.json is not a neuron_torch model description ({_first_line(err)})") from None
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but plain tensors and containers
+        raise ModelLoadError(f"{where}: weights.pt is not a plain tensor file (loaded with weights_only=True: "
+                             f"{_first_line(err)})") from None
+    try:
+        net = network_from_meta(description)
+        net.load_state_dict(state)
+    except Exception as err:  # wrong keys or shapes, a non-dict, an unknown activation
+        raise ModelLoadError(f"{where}: weights.pt does not fit the network meta.json describes "
+                             f"({_first_line(err)})") from None
+    try:
+        settings = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else None
+    except (OSError, yaml.YAMLError) as err:
+        raise ModelLoadError(f"{where}: config.yaml cannot be read ({_first_line(err)})") from None
+    return NeuronPredictor(net.double().eval(), description, settings)
+
+
+def _check_meta(meta: Any) -> None:
+    """Raise ValueError unless ``meta`` has the fields and lengths log_model writes."""
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    names, classes = meta["feature_names"], meta["classes"]
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        raise ValueError("feature_names must be a non-empty list of strings")
+    if not (isinstance(classes, list) and len(classes) == 2):
+        raise ValueError("classes must hold two labels")
+    for key in ("feature_mean", "feature_std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == len(names)
+                and all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)):
+            raise ValueError(f"{key} must hold {len(names)} finite numbers")
+    if any(v == 0 for v in meta["feature_std"]):
+        raise ValueError("feature_std holds a zero")
+
+
+def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> Optional[Path]:
+    """One file of the model, as a local path; None for a missing config.yaml (it is for reference)."""
+    folder = Path(uri)
+    if ":" not in uri and not folder.is_dir():
+        raise ModelLoadError(f"{uri}: no such model folder (or give runs:/<run id>/model, models:/<name>/<version>)")
+    if folder.is_dir():  # a local folder: read in place
+        for candidate in (folder / SUBFOLDER / name, folder / name):
+            if candidate.is_file():
+                return candidate
+        if name == "config.yaml":
+            return None
+        raise ModelLoadError(f"{uri}: no {name} (not a model logged by neuron_torch)")
+
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{SUBFOLDER}/{name}",
+                                                        dst_path=str(scratch / name.split(".")[0]),
+                                                        tracking_uri=tracking_uri))
+    except Exception as err:  # MLflow raises several types for a URI or file that is not there
+        if name == "config.yaml":  # kept for reference only; the other two files are the model
+            return None
+        raise ModelLoadError(f"cannot load model {uri}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
