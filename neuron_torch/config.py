@@ -155,12 +155,17 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
 
 def _global_step_of(ckpt_path: Optional[str]) -> int:
     """Updates done by the run that wrote a checkpoint; 0 when there is none or it cannot be read (the path
-    is checked, with a clear error, before training)."""
+    is checked, with a clear error, before training).
+
+    Read with ``weights_only=True``: this runs while the command line is parsed, and a pickle given as a
+    checkpoint must not run code (a project checkpoint holds tensors and plain values only).
+    """
     import torch
 
     if ckpt_path is None:
         return 0
     try:
-        return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
     except Exception:
         return 0

@@ -78,7 +78,8 @@ def train(args: Optional[list[str]] = None) -> int:
                 trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
 
             model.mlflow_run_id = run.run_id  # saved in checkpoints, so a resumed run can name its origin
-            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+            # weights_only: Lightning's own load of the checkpoint runs no pickled code either
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
             results = trainer.test(model, datamodule=data, verbose=False)[0]
 
             run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
