@@ -141,8 +141,9 @@ def _run_id_of(ckpt_path: str) -> Optional[str]:
     """The MLflow run that wrote a checkpoint (None for checkpoints from elsewhere)."""
     import torch
 
-    # a Lightning checkpoint holds hyperparameters as Python objects: the user's own file, loaded in full
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+    # tensors and plain values only: a pickle given as a checkpoint must not run code
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    return checkpoint.get("mlflow_run_id") if isinstance(checkpoint, dict) else None
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:
