@@ -15,6 +15,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
+from neuron_torch import validation  # noqa: E402
 from neuron_torch.data import NeuronDataModule  # noqa: E402
 from neuron_torch.module import LossProgressBar, NeuronModule  # noqa: E402
 
@@ -79,12 +80,30 @@ class SweepSettings:
 
 class _Parser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
-        # one line on a parse error instead of every option; --help still lists them all
         (file or sys.stdout).write(f"usage: {self.prog} [--config FILE] [--print_config] [--SECTION.KEY VALUE ...]\n")
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        """A parse error in one line (jsonargparse spreads a wrong type over several); --help lists every key."""
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        sys.stderr.write(f"error: {text} ({Path(self.prog).name} --help lists every key)\n")
+        self.exit(2)
 
 
 class NeuronCLI(LightningCLI):
-    """LightningCLI with the ``mlflow`` section and the data's feature names linked into the model."""
+    """LightningCLI with the ``mlflow`` section and the data's feature names linked into the model.
+
+    Config files are checked as YAML before jsonargparse reads them (so an error names the file), and every
+    key's range before any class is built (:mod:`neuron_torch.validation`).
+    """
+
+    def parse_arguments(self, parser, args) -> None:
+        validation.check_config_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        validation.check_config(self.config)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(MLflowSettings, "mlflow")

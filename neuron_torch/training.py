@@ -11,15 +11,24 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 
-from neuron_torch import config
+from neuron_torch import config, validation
 from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
 from neuron_torch.console import setup_logging, user_error
 from neuron_torch.data import DataError
 from neuron_torch.module import NeuronModule
 
-SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
+
+
+def trainer_problem(err: Exception) -> str:
+    """A Trainer setting this machine cannot run, in one line that says what to do instead."""
+    text = " ".join(str(err).split())
+    if "gpu" in text.lower() and ("backend" in text.lower() or "cuda" in text.lower()):
+        return ("trainer.accelerator gpu: no CUDA device was found (torch.cuda.is_available() is False); "
+                "run on the CPU with --trainer.accelerator cpu (or auto)")
+    return f"trainer: {text}"
 
 
 def train(args: Optional[list[str]] = None) -> int:
@@ -27,20 +36,19 @@ def train(args: Optional[list[str]] = None) -> int:
     setup_logging()
     argv = list(args) if args is not None else sys.argv[1:]  # what a sweep repeats for each grid point
 
-    # config, seed, data (read and checked), model and trainer, all before an MLflow run exists
+    # config (every key checked), seed, data (read and checked), model and trainer: all before a run exists
     try:
         cli = config.build_cli(args)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError) as err:  # ConfigError is a ValueError
         return user_error(err)
+    except (MisconfigurationException, ModuleNotFoundError) as err:  # a Trainer setting this machine cannot run
+        return user_error(trainer_problem(err))
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     settings: MLflowSettings = cli.config_init.mlflow
-    if str(trainer.precision) not in SUPPORTED_PRECISION:
-        return user_error(f"trainer.precision must be 32-true (float32) or 64-true (float64), "
-                           f"got {trainer.precision}")
-    if trainer.max_steps is None or trainer.max_steps < 1:
-        return user_error("trainer.max_steps must be >= 1: training is one stream of updates")
-    if settings.log_every_n_steps is not None and settings.log_every_n_steps < 1:
-        return user_error(f"mlflow.log_every_n_steps must be >= 1, got {settings.log_every_n_steps}")
+    try:
+        checkpoint = validation.check_checkpoint(cli.config.ckpt_path, model, trainer.max_steps)
+    except validation.ConfigError as err:
+        return user_error(err)
 
     if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
         trainer.fit(model, datamodule=data)
@@ -48,23 +56,30 @@ def train(args: Optional[list[str]] = None) -> int:
         return 0
 
     # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
-    from neuron_torch import artifacts, tracking  # imports MLflow, which --help and config errors need not wait for
+    from neuron_torch import artifacts, reachability, store, tracking  # imports MLflow, which --help and config errors need not wait for
 
     uri = tracking.resolve_tracking_uri(settings.tracking_uri)
+    # a tracking server that does not answer: one line now, not minutes of retries (and MLflow's retries bounded)
+    silent = reachability.store_error(uri)
+    if silent:
+        return user_error(silent)
     tags = {"data": data.table_source, "network": type(model.net).__name__}
     if settings.parent_run_id:
         tags["mlflow.parentRunId"] = settings.parent_run_id
+    # where runs will write, checked before one exists: one line, not minutes of MLflow's retries
+    problem = store.check_locations(uri, settings.experiment, store.checkpoint_folder(trainer))
+    if problem:
+        return user_error(problem)
     sweep: SweepSettings = cli.config_init.sweep
     if sweep.grid:
         return _sweep(cli, sweep, argv, uri, tags)
     ckpt_path = cli.config.ckpt_path
-    if ckpt_path is not None:
-        if not Path(ckpt_path).is_file():
-            return user_error(f"{ckpt_path}: checkpoint not found")
-        try:
-            tags["resumed_from"] = _run_id_of(ckpt_path) or ""
-        except Exception as err:  # not a file torch can read: the user's path is wrong
-            return user_error(f"{ckpt_path}: not a Lightning checkpoint ({type(err).__name__})")
+    if checkpoint is not None:
+        tags["resumed_from"] = checkpoint.get("mlflow_run_id") or ""
+    try:
+        validation.check_parent_run(uri, settings.parent_run_id)
+    except validation.ConfigError as err:
+        return user_error(err)
     run_name = settings.run_name or _default_run_name(model)
     run = None
     try:
@@ -75,7 +90,7 @@ def train(args: Optional[list[str]] = None) -> int:
             tracker = tracking.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
             trainer.callbacks.append(tracker)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
-                trainer.checkpoint_callback.dirpath = str(Path("checkpoints").resolve() / run.run_id)
+                trainer.checkpoint_callback.dirpath = str(store.checkpoint_folder(trainer) / run.run_id)
 
             model.mlflow_run_id = run.run_id  # saved in checkpoints, so a resumed run can name its origin
             # weights_only: Lightning's own load of the checkpoint runs no pickled code either
@@ -94,9 +109,14 @@ def train(args: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 130
         raise
+    except Exception as err:  # a folder or the store that became unwritable during the run
+        problem = store.write_failure(err, uri)
+        if problem is None:
+            raise
+        return user_error(problem)
 
     _summary(run, uri, results, model)
-    return 0
+    return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
 
 
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
@@ -123,7 +143,7 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
         best = "  <- best" if child.info.run_id == best_id else ""
         print(f"  {child.info.run_name:<28} {sweep.metric} {value:.4f}{best}")
     print(f"compare them with: {_ui_command(uri)}   (open the experiment, select the runs, Compare)")
-    return 0
+    return tracking.KEPT_EXIT if run.kept else 0
 
 
 def _default_run_name(model: NeuronModule) -> str:
@@ -135,15 +155,6 @@ def _default_run_name(model: NeuronModule) -> str:
     kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
     unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
     return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
-
-
-def _run_id_of(ckpt_path: str) -> Optional[str]:
-    """The MLflow run that wrote a checkpoint (None for checkpoints from elsewhere)."""
-    import torch
-
-    # tensors and plain values only: a pickle given as a checkpoint must not run code
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return checkpoint.get("mlflow_run_id") if isinstance(checkpoint, dict) else None
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:
