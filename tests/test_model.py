@@ -60,7 +60,8 @@ def test_predict_command_writes_probability_and_prediction(trained, tmp_path, ca
     assert list(scored.columns) == list(frame.columns) + ["probability", "prediction"]
     expected = mlflow.pyfunc.load_model(uri).predict(frame)
     np.testing.assert_allclose(scored.probability, expected, rtol=1e-12)
-    assert (scored.prediction == (expected >= 0.7)).all()
+    # prediction is the original label: label 1 of breast-cancer is 'benign'
+    assert (scored.prediction == np.where(expected >= 0.7, "benign", "malignant")).all()
 
     frame.drop(columns=["worst area"]).to_csv(tmp_path / "short.csv", index=False)
     assert predict(["--model", uri, "--input", str(tmp_path / "short.csv"), "--output",

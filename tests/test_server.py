@@ -131,8 +131,8 @@ def test_training_logs_to_a_tracking_server_with_proxied_artifacts(server, clien
     assert list(scored.columns) == list(frame.columns) + ["probability", "prediction"]
     expected = mlflow.pyfunc.load_model(uri).predict(frame)
     np.testing.assert_allclose(scored["probability"], expected, rtol=1e-12)
-    assert (scored["prediction"] == (np.asarray(expected) >= 0.5)).all()
-    assert 0 < scored["prediction"].sum() < len(scored)  # both classes among the scored rows
+    assert (scored["prediction"] == np.where(np.asarray(expected) >= 0.5, "benign", "malignant")).all()
+    assert scored["prediction"].nunique() == 2  # both classes among the scored rows
     assert {Path(path).parts[0] for path in files_under(tmp_path)} <= {"checkpoints"}
 
 

@@ -177,7 +177,7 @@ def test_fast_run_checkpoint(fast_run):
     assert path.is_absolute()
     assert path.parent == (fast_run.folder / "checkpoints" / fast_run.run_id).resolve()
     assert path.is_file()
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # a project checkpoint is plain data
     assert state["global_step"] == MAX_STEPS
     np.testing.assert_allclose(state["state_dict"]["net.linear.weight"].double().numpy()[0],
                                fast_run.weights["weight"].to_numpy(), rtol=1e-6, atol=1e-7)
