@@ -165,6 +165,11 @@ def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -
         raise ModelLoadError(f"{where}: weights.pt is not a plain tensor file (loaded with weights_only=True: "
                              f"{_first_line(err)})") from None
     try:
+        with torch.device("meta"):  # shapes only, no memory: a tampered meta.json cannot make this allocate
+            expected = {k: tuple(v.shape) for k, v in network_from_meta(description).state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if given != expected or len(state) != len(expected):
+            raise ValueError(f"tensors {_shapes(given)}, the network needs {_shapes(expected)}")
         net = network_from_meta(description)
         net.load_state_dict(state)
     except Exception as err:  # wrong keys or shapes, a non-dict, an unknown activation
@@ -221,6 +226,11 @@ def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> O
         if name == "config.yaml":  # kept for reference only; the other two files are the model
             return None
         raise ModelLoadError(f"cannot load model {uri}: {_first_line(err)}") from None
+
+
+def _shapes(shapes: dict[str, tuple]) -> str:
+    listed = ", ".join(f"{name} {list(shape)}" for name, shape in list(shapes.items())[:4])
+    return listed + (", ..." if len(shapes) > 4 else "")
 
 
 def _first_line(err: Exception) -> str:

@@ -186,3 +186,14 @@ def test_a_uri_that_names_nothing_is_one_line(store, rows, tmp_path, capsys):
         one_error_line(capsys.readouterr().err)
         with pytest.raises(ModelLoadError):
             load_model(uri)
+
+
+def test_meta_json_cannot_make_loading_allocate(store):
+    """A meta.json describing a huge network is compared with weights.pt by shape before anything is built."""
+    import json
+
+    path = store.model / "artifacts" / "meta.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "hidden_sizes": [10**6, 10**6], "activation": "relu"}))  # 4 TB float32
+    with pytest.raises(ModelLoadError, match=r"does not fit .*layers\.1\.weight \[1000000, 1000000\]"):
+        load_model(str(store.model))
