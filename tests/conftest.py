@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -148,3 +150,48 @@ def runs_of() -> Callable[[str], list]:
 def empty_store(_empty_store) -> Path:
     """The session's empty, migrated MLflow sqlite file, for module-scoped fixtures to copy."""
     return _empty_store
+
+
+# --- comparing floating-point results -------------------------------------------------------------------------------
+# Exact equality (torch.equal, check_exact=True, ==) is asked only where the same operations run on the same data in
+# the same order, in one process with one thread count: the same kernel called twice, a resumed run against an
+# uninterrupted one, updates_per_step 1 against 7. Anything else changes the order of some sum's terms, and with it
+# the last bits: the fused kernel against the reference path, a column-major X against a row-major one (MKL blocks
+# the two layouts differently), another BLAS, CPU or thread count (OMP_NUM_THREADS), or another process whose
+# thread count may differ. Those comparisons take a tolerance from ``tol``.
+
+
+def tol(dtype, factor: float = 4.0) -> float:
+    """``factor × ε(dtype)``: how far two computations of one value may drift apart by rounding alone.
+
+    ``factor`` is the condition of the computation, in units of ε relative to the values compared: a sum of k terms
+    taken in another order moves by at most k·ε·Σ|terms| (factor k·Σ|terms| / |result|); one correctly rounded
+    operation by ε/2 of its result. Say where a test's factor comes from beside the call. ``dtype`` is a torch
+    dtype, a NumPy dtype or ``float`` (float64).
+    """
+    import numpy as np
+    import torch
+
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
+    return float(factor) * float(eps)
+
+
+def compiler_skip_reason() -> str | None:
+    """Why the fused kernel cannot be compiled here (no C compiler, ``CC`` as ``neuron_torch.fused`` reads it)."""
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper or flags ("ccache gcc")
+    if not compiler or shutil.which(compiler[0]) is None:
+        return f"no C compiler ({' '.join(compiler) or 'CC is empty'}): the fused kernel cannot be built here"
+    return None
+
+
+@pytest.fixture
+def needs_fused():
+    """Skip the requesting test, saying why, where the fused CPU kernel does not run: switched off by
+    ``NEURON_TORCH_FUSED=0`` (the reference path is what such a session tests) or no C compiler."""
+    from neuron_torch import fused
+
+    if not fused.enabled():
+        pytest.skip(f"{fused.ENV_SWITCH}={os.environ[fused.ENV_SWITCH]} switches the fused kernel off")
+    reason = compiler_skip_reason()
+    if reason:
+        pytest.skip(reason)

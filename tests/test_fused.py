@@ -8,14 +8,13 @@ fused path ``BackwardPass.Z`` is empty, which is how these tests see which path 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import compiler_skip_reason, tol
 from neuron_torch import SingleNeuron, fused
 
 # (m, n): one row, one feature, n not a multiple of any vector width, breast-cancer size, and one large
@@ -30,8 +29,10 @@ L2S = [0.0, 0.37]
 FLOAT32_ATOL = 1e-5
 FLOAT64_ATOL = 1e-12
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
-                                    reason="no C compiler: the fused kernel cannot be built here")
+needs_compiler = pytest.mark.skipif(compiler_skip_reason() is not None, reason=str(compiler_skip_reason()))
+# tests that assert the kernel ran: they skip, saying why, where it is switched off (NEURON_TORCH_FUSED=0) or cannot
+# be built; the conftest fixture reads the switch when the test runs
+needs_fused = pytest.mark.usefixtures("needs_fused")
 
 
 def make_problem(m: int, n: int, dtype: torch.dtype, l2: float = 0.0, scale: float = 1.0, seed: int = 0):
@@ -76,14 +77,14 @@ def check_like_reference(bp, ref_bp):
         assert g.dtype == ref_bp.gradients[name].dtype, name
 
 
-@needs_compiler
+@needs_fused
 def test_kernel_builds_and_is_taken():
     assert fused.is_available(), fused._failure
     net, _, X, Y = make_problem(455, 30, torch.float32)
     assert net.forward_backward(X, Y).Z == []  # the fused path ran
 
 
-@needs_compiler
+@needs_fused
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, FLOAT64_ATOL), (torch.float32, FLOAT32_ATOL)])
 @pytest.mark.parametrize("l2", L2S)
 @pytest.mark.parametrize("m,n", SHAPES)
@@ -98,7 +99,7 @@ def test_matches_reference_and_autograd(m, n, l2, dtype, atol):
     assert net.gradients(X, Y).keys() == ref_grads.keys()
 
 
-@needs_compiler
+@needs_fused
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_extreme_logits_give_the_reference_loss(dtype):
     """|z| ≈ 1e4: exp(z) overflows, exp(−|z|) does not; the loss is finite and every dz is exactly 0 or ±1."""
@@ -110,13 +111,15 @@ def test_extreme_logits_give_the_reference_loss(dtype):
     bp, ref_bp = net.forward_backward(X, Y), ref_net.forward_backward(X, Y)
     assert bp.Z == []
     assert torch.isfinite(bp.loss) and bp.loss.item() > 100
-    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    # a mean of m = 64 non-negative terms summed in another order: at most m·ε apart, relative to the loss; the
+    # gradients are means of dz·x with dz ∈ {0, ±1} and x = ±2000, exact in any order, held to the same bar
+    rtol = tol(dtype, len(X))
     torch.testing.assert_close(bp.loss, ref_bp.loss, rtol=rtol, atol=0)
     for name, g in bp.gradients.items():
         torch.testing.assert_close(g, ref_bp.gradients[name], rtol=rtol, atol=rtol)
 
 
-@needs_compiler
+@needs_fused
 @pytest.mark.parametrize("label", [0.0, 1.0])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, FLOAT64_ATOL), (torch.float32, FLOAT32_ATOL)])
 def test_one_class_only(label, dtype, atol):
@@ -133,19 +136,32 @@ def test_switched_off_by_argument_and_environment(monkeypatch):
     monkeypatch.setenv("NEURON_TORCH_FUSED", "0")
     bp, ref_bp = net.forward_backward(X, Y), ref_net.forward_backward(X, Y)
     assert len(bp.Z) == 1
+    # exact: both nets run the reference path's operations on the same tensors, in this process
     assert torch.equal(bp.loss, ref_bp.loss)
     assert all(torch.equal(g, ref_bp.gradients[k]) for k, g in bp.gradients.items())
 
 
-@needs_compiler
+@needs_fused
 def test_layouts_and_dtypes_it_does_not_take_fall_back():
-    """A column-major X, float16 and bfloat16 give exactly the reference path's result; a row slice of a
-    wider X is read in place by the kernel (rows are still contiguous)."""
+    """A column-major X, float16 and bfloat16 take the reference path; a row slice of a wider X is read in place
+    by the kernel (rows are still contiguous)."""
     net, ref_net, X, Y = make_problem(200, 12, torch.float32)
     column_major = X.T.contiguous().T
     assert not column_major.is_contiguous()
     bp, ref_bp = net.forward_backward(column_major, Y), ref_net.forward_backward(X, Y)
-    assert len(bp.Z) == 1 and torch.equal(bp.loss, ref_bp.loss)
+    assert len(bp.Z) == 1
+    # The same operations, but BLAS blocks a column-major X otherwise than a row-major one (MKL on AVX-512 gives
+    # 1.2291565 against 1.2291564): the n-term sums z_i = x_i·w move by |δz_i| ≤ n·ε·Σ_k|x_ik·w_k|, the loss by at
+    # most that (|softplus′(z) − y| ≤ 1), a gradient by max|x|·|δz|/4 (σ′ ≤ ¼) plus dZᵀ·X's m-term sums in
+    # another order, ≤ m·ε·max|x| (|dz_i| ≤ 1).
+    m, n = X.shape
+    w = net.linear.weight.detach()
+    dz = tol(torch.float32, n * (X.abs() @ w.abs().T).max().item())
+    x_max = max(1.0, X.abs().max().item())
+    torch.testing.assert_close(bp.loss, ref_bp.loss, rtol=tol(torch.float32), atol=dz)
+    for k, g in bp.gradients.items():
+        torch.testing.assert_close(g, ref_bp.gradients[k], rtol=tol(torch.float32),
+                                   atol=x_max * (dz / 4 + tol(torch.float32, m)), msg=k)
 
     wide = torch.cat([X, torch.full_like(X, float("nan"))], dim=1)[:, :12]  # NaN where the kernel must not read
     bp = net.forward_backward(wide, Y)
@@ -154,9 +170,11 @@ def test_layouts_and_dtypes_it_does_not_take_fall_back():
 
     for dtype in (torch.float16, torch.bfloat16):
         low, ref_low = net.to(dtype), ref_net.to(dtype)
-        bp, ref_bp = low.forward_backward(X.to(dtype), Y.to(dtype)), ref_low.forward_backward(X.to(dtype),
-                                                                                             Y.to(dtype))
+        X_low, Y_low = X.to(dtype), Y.to(dtype)
+        bp, ref_bp = low.forward_backward(X_low, Y_low), ref_low.forward_backward(X_low, Y_low)
         assert len(bp.Z) == 1 and bp.loss.dtype == dtype
+        # exact: the kernel takes neither dtype, so both nets run the same reference operations on the same
+        # tensors, in this process
         assert torch.equal(bp.loss, ref_bp.loss)
         assert all(torch.equal(g, ref_bp.gradients[k]) for k, g in bp.gradients.items())
 
@@ -199,6 +217,7 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path, monkeypatch, capl
     ref_bp = ref_net.forward_backward(X, Y)
     for bp in results:
         assert len(bp.Z) == 1
+        # exact: the fallback is the reference path's operations on the same tensors, in this process
         assert torch.equal(bp.loss, ref_bp.loss)
         assert all(torch.equal(g, ref_bp.gradients[k]) for k, g in bp.gradients.items())
     warnings = [r for r in caplog.records if r.name == "neuron_torch" and r.levelno == logging.WARNING]
