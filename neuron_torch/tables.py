@@ -78,7 +78,7 @@ def read_frame(path: str) -> "pandas.DataFrame":
         raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, TypeError) as err:
+    except (pd.errors.ParserError, csv.Error, UnicodeDecodeError, OSError, ValueError, TypeError) as err:
         # pyarrow's ArrowInvalid is a ValueError; its first line names what is wrong
         raise DataError(f"{path}: cannot be read as {kind}: {_first_line(err)}") from None
     names = [str(c) for c in frame.columns]
