@@ -23,7 +23,7 @@ def predict(args: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", required=True,
                         help="model URI: runs:/<run id>/model, models:/<name>/<version> or a local model folder")
     parser.add_argument("--input", required=True, help="CSV, TSV or Parquet file with the model's feature columns")
-    parser.add_argument("--output", required=True, help="CSV file to write")
+    parser.add_argument("--output", required=True, help="file to write: .csv (default), .tsv or .parquet")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="probability from which the prediction is label 1 (default 0.5)")
     opts = parser.parse_args(args)
@@ -50,7 +50,7 @@ def predict(args: Optional[list[str]] = None) -> int:
     rows["probability"] = probability
     rows["prediction"] = _labels(probability >= opts.threshold, model.classes)
     try:
-        rows.to_csv(opts.output, index=False)
+        _write(rows, opts.output)
     except OSError as err:
         return user_error(f"{opts.output}: cannot be written ({err.strerror or err})")
     positive = int((probability >= opts.threshold).sum())
@@ -70,6 +70,17 @@ def _labels(is_positive, classes: list[str]):
     except ValueError:
         pass
     return np.where(is_positive, values[1], values[0])
+
+
+def _write(rows, output: str) -> None:
+    """Write the scored table in the format its suffix names, as input files are read (CSV by default)."""
+    from neuron_torch.tables import PARQUET, SEPARATORS
+
+    suffix = Path(output).suffix.lower()
+    if suffix in PARQUET:
+        rows.to_parquet(output, index=False)
+    else:
+        rows.to_csv(output, sep=SEPARATORS.get(suffix, ","), index=False)
 
 
 def _output_problem(output: str) -> Optional[str]:

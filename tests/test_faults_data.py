@@ -233,6 +233,9 @@ def test_prediction_is_the_label_and_tsv_is_read_as_training_reads_it(scoring, t
     np.testing.assert_array_equal(scored["prediction"], np.where(scored["probability"] >= 0.5, "yes", "no"))
     assert (scored["prediction"] == frame["label"]).mean() > 0.8  # the model learned something
 
+    assert run_predict(scoring.model_uri, tmp_path / "new.tsv", tmp_path / "out.parquet") == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), scored, check_dtype=False)
+
     predictor = load_model(scoring.model_uri)
     np.testing.assert_array_equal(predictor.predict(frame), scored["prediction"].to_numpy())
     np.testing.assert_allclose(predictor.predict_proba(frame), scored["probability"], rtol=1e-12)
