@@ -205,6 +205,7 @@ def test_string_labels_map_to_0_1(tmp_path):
     frame.to_csv(path, index=False)
     table = read_table(str(path), "label")
     assert table.classes == ("no", "yes")
+    # exact: labels are the values 0.0 and 1.0 themselves, no arithmetic (1 − y included)
     np.testing.assert_array_equal(table.y, (frame["label"] == "yes").to_numpy(float))
     flipped = read_table(str(path), "label", positive_label="no")
     assert flipped.classes == ("yes", "no")

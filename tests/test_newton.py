@@ -78,13 +78,13 @@ def test_hessian_matches_autograd(l2, block_rows):
 
     assert H.shape == (n + 1, n + 1) and H.dtype == DTYPE
     assert (H - expected).abs().max().item() <= 1e-10
-    assert torch.equal(H, H.T)
+    assert torch.equal(H, H.T)  # exact: bce_hessian symmetrises, (a + b)/2 = (b + a)/2 in IEEE arithmetic
 
 
 def test_l2_hessian_leaves_bias_and_input_alone():
     H = torch.zeros(4, 4, dtype=DTYPE)
     H_l2 = layers.l2_hessian(H, 0.5)
-    assert torch.equal(H_l2, torch.diag(torch.tensor([0.5, 0.5, 0.5, 0.0], dtype=DTYPE)))
+    assert torch.equal(H_l2, torch.diag(torch.tensor([0.5, 0.5, 0.5, 0.0], dtype=DTYPE)))  # 0 + 0.5: no rounding
     assert torch.equal(H, torch.zeros(4, 4, dtype=DTYPE))
 
 

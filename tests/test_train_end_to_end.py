@@ -212,7 +212,7 @@ def test_fast_run_metric_values(fast_run):
     loss = [v for _, v in history(client, run_id, "train/loss")]
     # zero initialisation: the first update starts from w = 0, b = 0, where the loss is exactly ln 2
     assert loss[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert history(client, run_id, "b")[0][1] == 0.0
+    assert history(client, run_id, "b")[0][1] == 0.0  # zero initialisation, logged before any arithmetic
     assert history(client, run_id, "w/mean radius")[0][1] == 0.0
     assert loss[0] > loss[1] > loss[2]
     for key in ("val/accuracy", "val/precision", "val/recall", "val/f1", "val/auroc", "test/accuracy"):
@@ -316,6 +316,7 @@ def test_logged_config_reproduces_the_run(fast_run, run_train, tracking_uri, run
     client = MlflowClient(tracking_uri)
     again = pd.read_parquet(download(client, run.info.run_id, "trajectory.parquet", tmp_path / "a"))
     pd.testing.assert_frame_equal(again, fast_run.trajectory)
+    # exact: the same config trains with the same operations in this process; accuracy is a count over m
     assert run.data.metrics["test/accuracy"] == fast_run.run.data.metrics["test/accuracy"]
 
 

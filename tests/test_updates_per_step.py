@@ -45,6 +45,8 @@ def test_updates_per_step_changes_no_number(setup, tracking_uri, runs_of, tmp_pa
     one = trained(tracking_uri, runs_of, tmp_path, "k1", args + ["--model.updates_per_step", "1"])
     seven = trained(tracking_uri, runs_of, tmp_path, "k7", args + ["--model.updates_per_step", "7"])
     assert one[0]["step"].tolist() == list(range(47))
+    # exact: updates_per_step changes only how often Lightning's loop turns; the updates are the very same
+    # operations on the same batches, in this process (one thread count)
     pd.testing.assert_frame_equal(one[0], seven[0], check_exact=True)
     assert [step for step, _ in one[1]] == [21, 42]
     assert one[1] == seven[1]
@@ -56,6 +58,7 @@ def test_tol_stops_at_the_same_update_inside_a_step(tracking_uri, runs_of, tmp_p
     one = trained(tracking_uri, runs_of, tmp_path, "k1", args + ["--model.updates_per_step", "1"])
     many = trained(tracking_uri, runs_of, tmp_path, "k50", args + ["--model.updates_per_step", "50"])
     assert 1 < len(one[0]) < 500 and len(one[0]) % 50 != 0  # it stopped, in the middle of a 50-update step
+    # exact: the same operations in this process, as in test_updates_per_step_changes_no_number
     pd.testing.assert_frame_equal(one[0], many[0], check_exact=True)
     pd.testing.assert_frame_equal(one[2], many[2], check_exact=True)
 
@@ -121,7 +124,7 @@ def test_resume_with_another_updates_per_step_validates_on_the_same_updates(trac
     val = {r.info.run_name: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val/loss"))
            for r in (straight, resumed)}
     assert [step for step, _ in val["straight"]] == [50, 100]
-    assert val["resumed"] == val["straight"]
+    assert val["resumed"] == val["straight"]  # exact: the same operations in this process (see test_resume.py)
 
 
 def test_a_plain_dataloader_of_lists_is_one_batch_per_step(tmp_path):
