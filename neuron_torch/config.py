@@ -17,7 +17,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from neuron_torch import validation  # noqa: E402
 from neuron_torch.data import NeuronDataModule  # noqa: E402
-from neuron_torch.module import LossProgressBar, NeuronModule  # noqa: E402
+from neuron_torch.module import NeuronModule  # noqa: E402
+from neuron_torch.progress import ValidationLines, progress_callback  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -105,9 +106,16 @@ class NeuronCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         validation.check_config(self.config)
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_core_arguments_to_parser(self, parser) -> None:
+        # --help lists the project's own sections first (model, data, mlflow, sweep), Lightning's Trainer last
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
         parser.add_class_arguments(MLflowSettings, "mlflow")
         parser.add_class_arguments(SweepSettings, "sweep")
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="Continue training from this Lightning checkpoint (weights, update-rule "
                                  "state, step and batch order); the new run is tagged resumed_from.")
@@ -115,10 +123,13 @@ class NeuronCLI(LightningCLI):
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        # the loss in the progress bar, unless the bar is off or the config brings its own
+        # a bar of updates in a terminal, one line per validation in a log or a pipe; a config's own bar wins
         given = list(config.get("callbacks") or []) + callbacks
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = callbacks + [LossProgressBar()]
+        if not any(isinstance(c, ProgressBar) for c in given):
+            shown = progress_callback(config.get("enable_progress_bar") is not False)
+            if isinstance(shown, ValidationLines):  # not a terminal: no bar at all, Lightning's default included
+                config = {**config, "enable_progress_bar": False}
+            callbacks = callbacks + ([shown] if shown is not None else [])
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             # training is one epoch whose end is max_steps: save there, whatever the validation interval
             callbacks = callbacks + [ModelCheckpoint(save_on_train_epoch_end=True)]

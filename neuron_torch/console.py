@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -15,9 +16,22 @@ def user_error(err: Exception | str) -> int:
     return 2
 
 
+# Loggers whose INFO lines are about the libraries, not the run: "Seed set to 0", "GPU available: False",
+# Lightning's litlogger tip, "`Trainer.fit` stopped", MLflow's table creation and "Validating input example".
+# Their warnings stay visible (Lightning's rank_zero_warn goes through `warnings`, which is not touched here).
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "mlflow")
+
+
 def setup_logging() -> None:
+    """The project's INFO lines on stderr; the libraries' own INFO chatter off; real warnings kept."""
     # a deprecation inside Lightning itself, printed on every run, that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for name in QUIET_LOGGERS:  # Lightning documents this switch: logging.getLogger("lightning.pytorch")
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow sets its loggers' level when it is imported, from its own switch; and it has one for its
+    # "Downloading artifacts" bars (log_model reads the model back once). A user's setting wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
         log.addHandler(_StderrHandler())
         log.setLevel(logging.INFO)
