@@ -56,6 +56,7 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     import neuron_torch
     from neuron_torch import pyfunc_model
@@ -74,6 +75,10 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     with torch.no_grad():
         X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
         probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
+    # inputs typed "any": MLflow refuses an int64 column against a double spec before the model sees it
+    # (and passes NaN through); the model checks every value itself, as training does (tables.feature_matrix)
+    signature = infer_signature(example, probability)
+    signature.inputs = Schema([ColSpec(AnyType(), name) for name in module.feature_names])
     with fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
         # start_run resumes our run; TrackedRun sets its final status again when it ends
         mlflow.pyfunc.log_model(
@@ -83,7 +88,7 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
                        "config": str(folder / "config.yaml")},
             registered_model_name=register_as,
             code_paths=[str(Path(neuron_torch.__file__).parent)],
-            signature=infer_signature(example, probability),
+            signature=signature,
             input_example=example,
             pip_requirements=["torch", "pandas", "numpy", "mlflow"],
         )
