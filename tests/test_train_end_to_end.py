@@ -598,7 +598,7 @@ def test_run_names(run_train, tracking_uri, runs_of):
     assert run_train(args + ["--mlflow.run_name", "my-run", "--model.learning_rate", "0.1"])[0] == 0
     names = sorted(r.info.run_name for r in runs_of(tracking_uri))
     assert names[0] == "my-run"
-    assert names[1].startswith("neuron-gd-lr0.5-")
+    assert names[1].startswith("gd-lr0.5-neuron-")  # what differs between runs comes first
 
 
 def test_no_path_leaves_a_running_run(fast_run, runs_of):
