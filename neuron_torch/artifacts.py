@@ -37,6 +37,9 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
               register_as: Optional[str] = None) -> None:
     """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
 
+    The model's files are written here; the run's writer logs them (:func:`log_model_files`), or keeps them in
+    the run's spool while the tracking server does not answer.
+
     Parameters
     ----------
     run : TrackedRun
@@ -51,19 +54,23 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     register_as : str, optional
         Register the model under this name in the Model Registry.
     """
+    folder = run.staging_folder("model")
+    save_model_files(module, X_example, classes, config_yaml, folder)
+    run.log_model_files(folder, register_as)
+
+
+def save_model_files(module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
+                     folder: Path) -> None:
+    """Write what :func:`log_model_files` logs: ``weights.pt``, ``meta.json``, ``config.yaml``,
+    ``input_example.parquet`` and ``signature.json``, all plain data."""
     import json
 
-    import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    import neuron_torch
-    from neuron_torch import pyfunc_model
-
     hp = module.hparams
-    folder = run.folder / "model-files"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in module.net.state_dict().items()}, folder / "weights.pt")
     meta = {"feature_names": module.feature_names, "classes": list(classes),
             "feature_mean": module.feature_mean.double().cpu().tolist(),
@@ -75,12 +82,28 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     with torch.no_grad():
         X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
         probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
+    example.to_parquet(folder / "input_example.parquet", index=False)  # exact floats, column order kept
     # inputs typed "any": MLflow refuses an int64 column against a double spec before the model sees it
     # (and passes NaN through); the model checks every value itself, as training does (tables.feature_matrix)
     signature = infer_signature(example, probability)
     signature.inputs = Schema([ColSpec(AnyType(), name) for name in module.feature_names])
-    with fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id):
-        # start_run resumes our run; TrackedRun sets its final status again when it ends
+    (folder / "signature.json").write_text(json.dumps(signature.to_dict()))
+
+
+def log_model_files(tracking_uri: str, run_id: str, folder: Path, register_as: Optional[str] = None) -> None:
+    """Log the files of :func:`save_model_files` to the run as the pyfunc model ``model`` (also at sync)."""
+    import json
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+
+    import neuron_torch
+    from neuron_torch import pyfunc_model
+
+    folder = Path(folder)
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        # start_run resumes our run; its final status is set again after the model
         mlflow.pyfunc.log_model(
             name="model",
             python_model=pyfunc_model.__file__,
@@ -88,8 +111,8 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
                        "config": str(folder / "config.yaml")},
             registered_model_name=register_as,
             code_paths=[str(Path(neuron_torch.__file__).parent)],
-            signature=signature,
-            input_example=example,
+            signature=ModelSignature.from_dict(json.loads((folder / "signature.json").read_text())),
+            input_example=pd.read_parquet(folder / "input_example.parquet"),
             pip_requirements=["torch", "pandas", "numpy", "mlflow"],
         )
 

@@ -10,6 +10,9 @@ import contextlib
 import logging
 import math
 import os
+import posixpath
+import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from neuron_torch.writer import MetricWriter
+from neuron_torch.writer import MetricWriter, Outcome, shown_path
 
 if TYPE_CHECKING:
     import pandas
@@ -31,8 +34,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow 
 # so values must not grow with the number of updates; the UI's charts sample a few hundred points anyway, and
 # the trajectory artifact has every update.
 METRIC_POINTS = 100
-MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+HOST_TAG, PID_TAG = "neuron_torch.host", "neuron_torch.pid"  # the machine and process that run the run
+DEFAULT_TRACKING_WAIT = 30.0  # seconds the end of a run waits for a tracking server that stopped answering
+KEPT_EXIT = 75  # exit code of a run whose records wait in its spool (sysexits' EX_TEMPFAIL: try again later)
 
 
 def resolve_tracking_uri(configured: Optional[str]) -> str:
@@ -45,6 +50,9 @@ class TrackedRun:
 
     On leaving: FINISHED; KILLED for Ctrl-C (Lightning turns it into ``SystemExit``); FAILED for any other
     exception, with its message in the ``error`` tag. Buffered metrics are written first on every path.
+    Everything is sent by the run's :class:`~neuron_torch.writer.MetricWriter`; what a silent tracking server
+    does not take waits in ``checkpoints/<run id>/spool`` (then :attr:`kept` says what, and
+    ``neuron-torch sync`` sends it). The run is tagged with the host and process that run it.
 
     Parameters
     ----------
@@ -58,8 +66,11 @@ class TrackedRun:
     def __init__(self, tracking_uri: str, experiment: str, run_name: Optional[str] = None,
                  tags: Optional[dict[str, str]] = None):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.tags = dict(tags or {})
+        # who runs it: `neuron-torch sync` marks a RUNNING run KILLED once its process is gone from this host
+        self.tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         self.status: Optional[str] = None
+        self.kept: Optional[Outcome] = None  # set when the run ends with records its server did not take
+        self._staged = 0
 
     def __enter__(self) -> "TrackedRun":
         from mlflow import MlflowClient
@@ -75,24 +86,43 @@ class TrackedRun:
         self.writer = MetricWriter(self.client, self.run_id, self.folder)
         return self
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    # Everything below goes through the run's writer, in order, off the training thread; files are staged in the
+    # run's temporary folder first, so that they can wait in the spool while the server does not answer.
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.writer.log_params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        path = self._stage(artifact_file)
+        path.write_text(text, encoding="utf-8")
+        self.writer.log_artifact(path, _folder_of(artifact_file))
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        staged = self._stage(Path(path).name)
+        shutil.copyfile(path, staged)
+        self.writer.log_artifact(staged, artifact_path)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        path = self._stage(artifact_file)
+        figure.savefig(path)  # what MlflowClient.log_figure does with a matplotlib figure
+        self.writer.log_artifact(path, _folder_of(artifact_file))
+
+    def log_model_files(self, folder: Path, register_as: Optional[str] = None) -> None:
+        """Log a folder written by :func:`~neuron_torch.artifacts.save_model_files` as the model ``model``."""
+        self.writer.log_model_files(folder, register_as)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.writer.set_tags({key: str(value)})
+
+    def staging_folder(self, name: str) -> Path:
+        """A new empty folder in the run's temporary folder, for files to log."""
+        self._staged += 1
+        folder = self.folder / "staged" / str(self._staged) / name
+        folder.mkdir(parents=True)
+        return folder
+
+    def _stage(self, artifact_file: str) -> Path:
+        return self.staging_folder("file") / posixpath.basename(artifact_file)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
@@ -101,19 +131,33 @@ class TrackedRun:
             status = "KILLED"
         else:
             status = "FAILED"
-        try:
-            trajectory = self.writer.close()
-            if trajectory is not None:
-                self.log_artifact(trajectory)
-        except Exception as err:  # the store failed while writing: the run cannot be called finished
-            log.error("writing to MLflow failed: %s", err)
-            status, exc = "FAILED", exc or err
-        if status == "FAILED" and exc is not None:
-            self.set_tag("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:5000])
-        self.client.set_terminated(self.run_id, status)
-        self.status = status
+        error = f"{type(exc).__name__}: {exc}" if status == "FAILED" and exc is not None else None
+        # Ctrl-C means now: a silent server is not waited for, what it did not get stays in the spool
+        outcome = self.writer.finish(status, error, wait=0.0 if status == "KILLED" else tracking_wait())
+        if outcome.crash is not None:  # the writer failed: end the run directly, as far as the store lets us
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.run_id, "error", f"{type(outcome.crash).__name__}: {outcome.crash}"[:5000])
+                self.client.set_terminated(self.run_id, "FAILED")
+        self.status = outcome.status
+        if outcome.kept is not None:
+            self.kept = outcome
+            log.warning("tracking server %s unreachable: %s kept in %s; send them with: neuron-torch sync",
+                        self.tracking_uri, outcome.kept, shown_path(outcome.spool))
         self._folder.cleanup()
         return False
+
+
+def tracking_wait() -> float:
+    """Seconds a run's end waits for a silent tracking server: ``NEURON_TORCH_TRACKING_WAIT``, default 30."""
+    try:
+        return max(0.0, float(os.environ.get("NEURON_TORCH_TRACKING_WAIT", DEFAULT_TRACKING_WAIT)))
+    except ValueError:
+        return DEFAULT_TRACKING_WAIT
+
+
+def _folder_of(artifact_file: str) -> Optional[str]:
+    folder = posixpath.dirname(posixpath.normpath(artifact_file))
+    return folder or None
 
 
 class MLflowTracking(L.Callback):
