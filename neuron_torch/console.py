@@ -26,6 +26,10 @@ def setup_logging() -> None:
     """The project's INFO lines on stderr; the libraries' own INFO chatter off; real warnings kept."""
     # a deprecation inside Lightning itself, printed on every run, that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # ModelCheckpoint(every_n_train_steps) under manual optimization warns, in 12 lines, that the checkpoint
+    # holds the state *after* the optimizer step: for hand-written updates that is the state the update
+    # count names, the one a resumed run must start from. Only that message is ignored.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
     for name in QUIET_LOGGERS:  # Lightning documents this switch: logging.getLogger("lightning.pytorch")
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow sets its loggers' level when it is imported, from its own switch; and it has one for its
