@@ -190,12 +190,16 @@ def _global_step_of(ckpt_path: Optional[str]) -> int:
     Read with ``weights_only=True``: this runs while the command line is parsed, and a pickle given as a
     checkpoint must not run code (a project checkpoint holds tensors and plain values only).
     """
+    import warnings
+
     import torch
 
     if ckpt_path is None:
         return 0
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file torch refuses is reported once, by the checkpoint check
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         return int(checkpoint.get("global_step", 0)) if isinstance(checkpoint, dict) else 0
     except Exception:
         return 0

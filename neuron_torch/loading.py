@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -160,10 +161,12 @@ def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ModelLoadError(f"{where}: meta.json is not a neuron_torch model description ({_first_line(err)})") from None
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for anything but plain tensors and containers
-        raise ModelLoadError(f"{where}: weights.pt is not a plain tensor file (loaded with weights_only=True: "
-                             f"{_first_line(err)})") from None
+        raise ModelLoadError(f"{where}: weights.pt is not a plain tensor file (refused by "
+                             f"torch.load(weights_only=True): {refusal(err)})") from None
     try:
         with torch.device("meta"):  # shapes only, no memory: a tampered meta.json cannot make this allocate
             expected = {k: tuple(v.shape) for k, v in network_from_meta(description).state_dict().items()}
@@ -226,6 +229,20 @@ def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> O
         if name == "config.yaml":  # kept for reference only; the other two files are the model
             return None
         raise ModelLoadError(f"cannot load model {uri}: {_first_line(err)}") from None
+
+
+def refusal(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (torch's message is a page)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its message with terminal codes
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if named:
+        return f"it names {named.group(1)}, which only running code could rebuild"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        return detail.group(1).strip()
+    return _first_line(err)
 
 
 def _shapes(shapes: dict[str, tuple]) -> str:

@@ -124,7 +124,9 @@ def test_tampered_weights_are_refused_by_every_loader(store, rows, tmp_path, cap
     with pytest.raises(ModelLoadError, match="weights.pt is not a plain tensor file"):
         load_model(uri)
     assert predict(["--model", uri, "--input", str(rows), "--output", str(tmp_path / "out.csv")]) == 2
-    one_error_line(capsys.readouterr().err, "weights.pt", "weights_only=True")
+    err = capsys.readouterr().err
+    line = one_error_line(err, "weights.pt", "weights_only=True", "it names exec")
+    assert err.strip() == line and "\x1b" not in line  # nothing else on stderr, no terminal codes
     assert not (tmp_path / "out.csv").exists()
 
     import mlflow
