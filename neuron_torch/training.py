@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 
-from neuron_torch import config, validation
+from neuron_torch import config, summary, validation
 from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
 from neuron_torch.console import setup_logging, user_error
 from neuron_torch.data import DataError
-from neuron_torch.module import NeuronModule
 
 
 
@@ -51,7 +48,7 @@ def train(args: Optional[list[str]] = None) -> int:
         return user_error(err)
 
     if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
-        trainer.fit(model, datamodule=data)
+        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)  # resumes too
         trainer.test(model, datamodule=data, verbose=False)
         return 0
 
@@ -80,7 +77,8 @@ def train(args: Optional[list[str]] = None) -> int:
         validation.check_parent_run(uri, settings.parent_run_id)
     except validation.ConfigError as err:
         return user_error(err)
-    run_name = settings.run_name or _default_run_name(model)
+    run_name = settings.run_name or summary.run_name(model.hparams.update_rule, model.hparams.learning_rate,
+                                                     model.hparams.hidden_sizes)
     run = None
     try:
         with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
@@ -115,14 +113,15 @@ def train(args: Optional[list[str]] = None) -> int:
             raise
         return user_error(problem)
 
-    _summary(run, uri, results, model)
+    checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+    print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
 
 
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
     """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
     from neuron_torch import tracking
-    from neuron_torch.sweep import grid_points, run_sweep
+    from neuron_torch.sweep import run_sweep
 
     flat = _flat_config(cli)
     unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
@@ -131,30 +130,13 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
     if any(not isinstance(values, list) or not values for values in sweep.grid.values()):
         return user_error("sweep.grid: every key needs a non-empty list of values")
     settings: MLflowSettings = cli.config_init.mlflow
-    name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%m%d-%H%M%S')}"
+    name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%H%M%S')}"
     with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
         run.log_params(flat)
         run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
         children, best_id = run_sweep(run, sweep, args)
-    print(f"\nsweep {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}, "
-          f"{len(grid_points(sweep.grid))} runs")
-    for child in children:
-        value = child.data.metrics.get(sweep.metric, float("nan"))
-        best = "  <- best" if child.info.run_id == best_id else ""
-        print(f"  {child.info.run_name:<28} {sweep.metric} {value:.4f}{best}")
-    print(f"compare them with: {_ui_command(uri)}   (open the experiment, select the runs, Compare)")
+    print(summary.sweep_summary(run, uri, sweep.metric, children, best_id))
     return tracking.KEPT_EXIT if run.kept else 0
-
-
-def _default_run_name(model: NeuronModule) -> str:
-    """What the run is, at a glance: ``neuron-gd-lr0.5-…`` or ``net16x16-adam-lr0.02-…``, plus the time.
-
-    (MLflow's own random names repeat here, as its generator draws from the seeded ``random`` module.)
-    """
-    hp = model.hparams
-    kind = "net" + "x".join(map(str, hp.hidden_sizes)) if hp.hidden_sizes else "neuron"
-    unique = uuid.uuid4().hex[:4]  # two runs started in the same second still differ
-    return f"{kind}-{hp.update_rule}-lr{hp.learning_rate:g}-{time.strftime('%m%d-%H%M%S')}-{unique}"
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:
@@ -163,18 +145,3 @@ def _flat_config(cli: NeuronCLI) -> dict[str, object]:
     flat.pop("__default_config__", None)
     flat["config"] = [str(path) for path in flat.get("config") or []]  # the --config files given
     return {key: value for key, value in sorted(flat.items())}
-
-
-def _summary(run, uri: str, results: dict[str, float], model: NeuronModule) -> None:
-    lines = ["", f"run {run.run_name} ({run.run_id}) in experiment {run.experiment!r}: {run.status}"]
-    steps = model.global_step
-    converged = f", converged (gradient norm < tol) at step {model.converged_at}" if model.converged_at else ""
-    lines.append(f"  {steps} updates{converged}")
-    for key in sorted(results):
-        lines.append(f"  {key:<16} {results[key]:.4f}")
-    lines.append(f"see it with: {_ui_command(uri)}   (then open http://127.0.0.1:5000)")
-    print("\n".join(lines))
-
-
-def _ui_command(uri: str) -> str:
-    return "mlflow ui" if uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {uri}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -176,11 +177,15 @@ def check_checkpoint(ckpt_path: Optional[str], module, max_steps: int) -> Option
     if not path.is_file():
         raise ConfigError(f"{ckpt_path}: checkpoint not found" if not path.is_dir()
                           else f"{ckpt_path}: is a folder; give the .ckpt file inside it")
+    from neuron_torch.loading import refusal
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reason torch cannot read it as plain tensors is the user's file
-        raise ConfigError(f"{ckpt_path}: not a checkpoint of this project (it must load with "
-                          f"weights_only=True: {str(err).splitlines()[0][:160]})") from None
+        raise ConfigError(f"{ckpt_path}: not a checkpoint of this project (read as plain tensors, "
+                          f"weights_only=True: {refusal(err)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
     done = int(checkpoint.get("global_step", 0))
