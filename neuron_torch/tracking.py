@@ -73,11 +73,10 @@ class TrackedRun:
         self._staged = 0
 
     def __enter__(self) -> "TrackedRun":
-        from mlflow import MlflowClient
+        from neuron_torch.store import open_experiment
 
-        self.client = MlflowClient(self.tracking_uri)
-        found = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        # under a lock next to a sqlite store: runs started together would race to create it and the experiment
+        self.client, experiment_id = open_experiment(self.tracking_uri, self.experiment)
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id, self.experiment_id = run.info.run_id, experiment_id
         self.run_name = run.info.run_name
