@@ -1,0 +1,91 @@
+"""Eight ``python train.py`` started at once in one folder all finish, with every value, in one sqlite store.
+
+Without a lock MLflow's schema creation races on a fresh store (``table ... already exists``) and two runs
+create the same new experiment (``UNIQUE constraint failed``). Each case starts eight real processes together
+(each with a timeout) and counts what reached the store: eight FINISHED runs, each with 30 points of
+``train/loss`` and a 30-row trajectory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from processes import kill_group
+
+TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
+RUNS, STEPS = 8, 30
+ARGS = ["--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "10",
+        "--trainer.enable_progress_bar", "false", "--model.updates_per_step", "10"]
+TIMEOUT = 400.0  # seconds for all eight together on a busy two-core machine (about 70 s when idle)
+
+
+def _start_together(folder: Path, extra: list[str]) -> list[tuple[int, str]]:
+    """Start RUNS trainings at once in ``folder`` (its default store ``sqlite:///mlflow.db``); wait for all.
+
+    Returns each process's exit code and stderr; a process still running at the deadline is killed and
+    fails the test.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the folder's own store
+    procs = []
+    for i in range(RUNS):
+        err = open(folder / f"err{i}.log", "wb")
+        procs.append((subprocess.Popen([sys.executable, TRAIN, *ARGS, *extra], cwd=folder, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                                       start_new_session=True), err))
+    deadline = time.monotonic() + TIMEOUT
+    results = []
+    try:
+        for i, (proc, err) in enumerate(procs):
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"run {i} still running after {TIMEOUT:.0f} s")
+            err.close()
+            results.append((proc.returncode, (folder / f"err{i}.log").read_text(errors="replace")))
+    finally:
+        for proc, err in procs:
+            kill_group(proc, grace=5.0)
+            err.close()
+    return results
+
+
+def _check_every_value(folder: Path, experiment: str, results: list[tuple[int, str]]) -> None:
+    from mlflow import MlflowClient
+
+    failed = [f"exit {code}:\n{err[-2000:]}" for code, err in results if code != 0]
+    assert not failed, f"{len(failed)} of {RUNS} runs failed; the first:\n{failed[0]}"
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    runs = client.search_runs([found.experiment_id], max_results=100)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * RUNS
+    assert len(client.search_experiments(filter_string=f"name = '{experiment}'")) == 1
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS
+        assert {"val/loss", "test/accuracy"} <= set(run.data.metrics)
+        into = folder / "downloaded" / run.info.run_id
+        into.mkdir(parents=True)
+        trajectory = client.download_artifacts(run.info.run_id, "trajectory.parquet", str(into))
+        assert len(pd.read_parquet(trajectory)) == STEPS
+
+
+def test_eight_runs_on_a_fresh_store(tmp_path):
+    """No mlflow.db yet: one process creates and migrates the store, the others wait for it."""
+    results = _start_together(tmp_path, [])
+    _check_every_value(tmp_path, "neuron_torch", results)
+    assert (tmp_path / "mlflow.db.lock").exists()  # the lock lives beside the store it guards
+
+
+def test_eight_runs_create_one_new_experiment(tmp_path, empty_store):
+    """An initialised store and an experiment none of them has seen: one creates it, all run in it."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    results = _start_together(tmp_path, ["--mlflow.experiment", "together"])
+    _check_every_value(tmp_path, "together", results)
