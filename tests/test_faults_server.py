@@ -138,21 +138,32 @@ def at_updates(monkeypatch, actions: dict[int, callable]) -> None:
     monkeypatch.setattr(tracking.MLflowTracking, "on_train_batch_end", hooked)
 
 
-def kill_and_notice(env):
-    """Send the rows so far, kill the server, hand the writer the next rows, and wait until it says the server
-    went silent."""
+def send_then_kill(env):
+    """Hand the writer the rows so far, wait until the server has them, then kill the server."""
 
     def action(tracker):
-        tracker._flush()  # the rows so far reach the server before it goes (the tracker flushes every 2 s)
+        tracker._flush()  # the tracker hands rows over every 2 s; the run is faster than that
         points = sum(len(steps) for steps, _ in tracker._history)  # train/loss points handed to the writer
         deadline = time.monotonic() + 60
         while len(env.client.get_metric_history(tracker.run.run_id, "train/loss")) < points:
             assert time.monotonic() < deadline, "the rows before the kill did not reach the server"
             time.sleep(0.1)
         env.server.kill()
-        tracker._flush()  # the writer finds out on its next send; make that now rather than in 2 s
+    return action
+
+
+def notice(env):
+    """Hand the writer the rows since the kill and wait until it says the server went silent."""
+
+    def action(tracker):
+        tracker._flush()
         env.lines.wait_for("stopped answering")
     return action
+
+
+def kill_at(env, k: int) -> dict:
+    """The server killed after ``k`` updates, and the writer aware of it 200 updates later."""
+    return {k: send_then_kill(env), k + 200: notice(env)}
 
 
 def the_run(client, experiment="neuron_torch"):
@@ -216,7 +227,7 @@ def test_server_down_at_the_start_is_one_line_within_seconds(tmp_path):
 
 def test_server_back_during_the_run_gets_every_value(near_server, tmp_path, monkeypatch, capsys):
     env = near_server
-    at_updates(monkeypatch, {600: kill_and_notice(env),
+    at_updates(monkeypatch, {**kill_at(env, 600),
                              1400: lambda tracker: (env.server.start(), env.lines.wait_for("answers again"))})
     started = time.monotonic()
     assert train(ARGS) == 0
@@ -248,7 +259,7 @@ def journal_values(spool: Path) -> dict[str, int]:
 def test_server_back_after_the_run_gets_every_value_from_sync(near_server, tmp_path, monkeypatch, capsys):
     env = near_server
     monkeypatch.setenv("NEURON_TORCH_TRACKING_WAIT", "1")  # the server stays away: do not wait 30 s for it
-    at_updates(monkeypatch, {600: kill_and_notice(env)})
+    at_updates(monkeypatch, kill_at(env, 600))
     started = time.monotonic()
     code = train(ARGS)
     took = time.monotonic() - started
