@@ -15,14 +15,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Optional
-
-log = logging.getLogger("neuron_torch")
 
 LOCK_TIMEOUT_S = 300.0  # a fresh store's migrations take seconds; only a stuck process holds the lock longer
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -179,18 +176,26 @@ def write_failure(err: BaseException, uri: str) -> Optional[str]:
 
     Such failures can show after :func:`check_locations` (a disk fills up, a folder is moved away).
     """
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
-            where = f" {err.filename}" if err.filename else ""
-            return (f"cannot write{where} ({err.strerror or err}): free space there or make it writable, or "
+    for e in _chain(err):
+        if isinstance(e, StoreError):  # the lock of the store, taken when the run starts
+            return str(e)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            where = f" {e.filename}" if e.filename else ""
+            return (f"cannot write{where} ({e.strerror or e}): free space there or make it writable, or "
                     f"write elsewhere (--trainer.default_root_dir, --mlflow.tracking_uri)")
-        text = str(err).lower()
+        text = str(e).lower()
         if any(marker in text for marker in SQLITE_WRITE_ERRORS):
             return _folder_advice("the MLflow store", sqlite_path(uri) or Path(uri), _sqlite_reason(text))
-        err = err.__cause__ or err.__context__
     return None
+
+
+def is_busy(err: BaseException) -> bool:
+    """Whether a failed MLflow call only met another writer's lock on a sqlite store (worth trying again).
+
+    MLflow's sessions wait 20 s for the lock (``PRAGMA busy_timeout``); eight runs writing at once do not come
+    near that, but a store on a slow disk shared by many more may.
+    """
+    return any("database is locked" in str(e).lower() for e in _chain(err))
 
 
 def _folder_advice(what: str, path: Path, reason: str) -> str:
@@ -250,6 +255,15 @@ def _local_folder(uri: Optional[str]) -> Optional[Path]:
 
 def _sqlite_reason(text: str) -> str:
     return next(marker for marker in SQLITE_WRITE_ERRORS if marker in text)
+
+
+def _chain(err: Optional[BaseException]) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, each once."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def _first_line(err: BaseException) -> str:

@@ -89,3 +89,48 @@ def test_eight_runs_create_one_new_experiment(tmp_path, empty_store):
     shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     results = _start_together(tmp_path, ["--mlflow.experiment", "together"])
     _check_every_value(tmp_path, "together", results)
+
+
+def test_losing_the_create_race_takes_the_experiment(monkeypatch):
+    """A client outside the lock (a server, another tool) creates the experiment between get and create."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from neuron_torch.store import open_experiment
+
+    class Client:
+        lookups = 0
+
+        def __init__(self, uri):
+            pass
+
+        def get_experiment_by_name(self, name):
+            Client.lookups += 1
+            return None if Client.lookups == 1 else mlflow.entities.Experiment("7", name, "", "active")
+
+        def create_experiment(self, name):
+            raise MlflowException(f"Experiment(name={name}) already exists.",
+                                  mlflow.protos.databricks_pb2.RESOURCE_ALREADY_EXISTS)
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    _, experiment_id = open_experiment("http://127.0.0.1:1", "together")
+    assert experiment_id == "7" and Client.lookups == 2
+
+
+def test_a_held_lock_ends_in_one_line(tmp_path):
+    """A process stuck while holding the store's lock is named after the timeout instead of hanging the run."""
+    from neuron_torch.store import StoreError, store_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "mlflow.db.lock")], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(StoreError, match="held by another process for 1 s"):
+            with store_lock(uri, timeout=1.0):
+                pass
+    finally:
+        kill_group(holder, grace=1.0)
+    with store_lock(uri, timeout=1.0):  # released with its process
+        pass
