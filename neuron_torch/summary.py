@@ -40,10 +40,16 @@ def ui_command(tracking_uri: str) -> Optional[str]:
     return "mlflow ui" if tracking_uri == "sqlite:///mlflow.db" else f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+# MLflow 3's UI opens experiments in its GenAI view (traces, "No data available") unless its workflow switch
+# says "Model training"; the switch reads this query parameter and keeps the choice for later visits.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_address(tracking_uri: str, experiment_id: str, run_id: Optional[str] = None) -> str:
-    """``http://127.0.0.1:5000/#/experiments/<id>/runs/<run id>``: the run's page (or the experiment's runs)."""
-    page = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}"
-    return f"{page}/runs/{run_id}" if run_id else f"{page}/runs"
+    """``http://127.0.0.1:5000/#/experiments/<id>/runs/<run id>?workflowType=machine_learning``: the run's
+    page (or the experiment's table of runs), in the UI's model-training view."""
+    page = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{MODEL_TRAINING_VIEW}" if run_id else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
 def resume_command(argv: Sequence[str], checkpoint: str, max_steps: int) -> str:
