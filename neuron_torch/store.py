@@ -64,7 +64,8 @@ def store_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)  # MLflow makes the database's folder too
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise StoreError(_folder_advice("the MLflow store", lock.parent, err.strerror)) from err
+        reason = _unwritable(lock.parent) or err.strerror  # "afile is not a folder" says more than EEXIST
+        raise StoreError(_folder_advice("the MLflow store", lock.parent, reason)) from err
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -153,3 +153,30 @@ def test_write_failures_found_in_the_exception_chain():
     assert write_failure(StoreError("one line"), uri) == "one line"
     assert write_failure(ValueError("a bug, not a folder"), uri) is None
     assert is_busy(Exception("(sqlite3.OperationalError) database is locked")) and not is_busy(ValueError("x"))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop to an unprivileged user")
+def test_permission_denied_for_an_ordinary_user():
+    """Permission bits stop an ordinary user: the check creates a file rather than trusting os.access."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="neuron_torch-readonly-"))  # /tmp, which that user can enter
+    try:
+        folder.chmod(0o755)  # root's folder: others may look, not write
+        probe = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                 "from neuron_torch.store import check_locations; "
+                 "print(check_locations(f'sqlite:///{sys.argv[2]}/mlflow.db', 'x', None)); "
+                 "print(check_locations('http://127.0.0.1:1', 'x', Path(sys.argv[2]) / 'checkpoints'))")
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                              "-c", probe, str(Path(__file__).resolve().parents[1]), str(folder)],
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        if out.returncode != 0 and "Permission denied" in out.stderr:  # the project itself, not the check
+            pytest.skip(f"the unprivileged user cannot read the project: {out.stderr.strip()[-200:]}")
+        lines = out.stdout.splitlines()
+        assert len(lines) == 2, out.stderr
+        denied = f"({folder}: Permission denied)"
+        assert lines[0].startswith(f"cannot write the MLflow store at {folder}/mlflow.db {denied}")
+        assert lines[1].startswith(f"cannot write checkpoints to {folder}/checkpoints {denied}")
+    finally:
+        shutil.rmtree(folder)
