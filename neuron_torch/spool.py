@@ -30,6 +30,8 @@ from typing import Iterator, Optional
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 MAX_PARAMS_PER_BATCH = 100
+HOST_TAG, PID_TAG = "neuron_torch.host", "neuron_torch.pid"  # the machine and process that run a run
+KEPT_EXIT = 75  # exit code when records still wait in a spool (sysexits' EX_TEMPFAIL: try again later)
 
 
 def deliver(client, run_id: str, record: dict, base: Path) -> None:
@@ -107,6 +109,7 @@ class Spool:
         self.folder = Path(folder)
         self._lock_file = None
         self._count: Optional[int] = None  # journal lines, read once, then kept up to date by append
+        self._sent: Optional[int] = None  # lines sent, likewise (this process is the spool's only user: lock)
 
     @classmethod
     def create(cls, folder: Path, tracking_uri: str, run_id: str) -> "Spool":
@@ -159,6 +162,26 @@ class Spool:
             if line >= done:
                 yield line, record
 
+    def unsent_batches(self) -> Iterator[tuple[int, dict]]:
+        """:meth:`unsent`, with runs of consecutive metrics records joined into batches of up to
+        :data:`MAX_METRICS_PER_BATCH` values (one request each instead of one per record); the line is the last
+        one a batch holds, for :meth:`mark_sent`."""
+        batch: Optional[tuple[int, dict]] = None
+        for line, record in self.unsent():
+            if record["kind"] == "metrics" and batch is not None \
+                    and len(batch[1]["metrics"]) + len(record["metrics"]) <= MAX_METRICS_PER_BATCH:
+                batch = (line, {"kind": "metrics", "metrics": batch[1]["metrics"] + record["metrics"]})
+                continue
+            if batch is not None:
+                yield batch
+                batch = None
+            if record["kind"] == "metrics":
+                batch = (line, record)
+            else:
+                yield line, record
+        if batch is not None:
+            yield batch
+
     def mark_sent(self, line: int) -> None:
         """Record that journal lines up to ``line`` reached the store (atomically: a rename)."""
         tmp = self.folder / "sent.tmp"
@@ -167,10 +190,13 @@ class Spool:
         files = self.folder / "files" / str(line)
         if files.exists():  # delivered: the copy here is not needed any more
             shutil.rmtree(files, ignore_errors=True)
+        self._sent = line + 1
 
     def sent_count(self) -> int:
-        path = self.folder / "sent"
-        return int(path.read_text()) if path.exists() else 0
+        if self._sent is None:
+            path = self.folder / "sent"
+            self._sent = int(path.read_text()) if path.exists() else 0
+        return self._sent
 
     def tally(self) -> Tally:
         """What the unsent records hold."""

@@ -16,7 +16,7 @@ from typing import Optional
 
 from neuron_torch.console import setup_logging, user_error
 from neuron_torch.reachability import bound_http_retries, is_unreachable, reason, why_silent
-from neuron_torch.spool import Spool, SpoolBusy, Tally, deliver, find
+from neuron_torch.spool import HOST_TAG, KEPT_EXIT, PID_TAG, Spool, SpoolBusy, Tally, deliver, find
 from neuron_torch.writer import shown_path
 
 ENDED_TAG = "neuron_torch.ended_by"  # on a run that sync marked KILLED: why
@@ -25,8 +25,6 @@ ENDED_TAG = "neuron_torch.ended_by"  # on a run that sync marked KILLED: why
 def sync(args: Optional[list[str]] = None) -> int:
     """Replay every spool under ``args`` (default ``./checkpoints``) and end orphaned runs; the exit code is
     0 when nothing is left, 75 when a spool still waits for its server."""
-    from neuron_torch.tracking import KEPT_EXIT, resolve_tracking_uri
-
     setup_logging()
     parser = argparse.ArgumentParser(
         prog="neuron-torch sync",
@@ -58,7 +56,8 @@ def sync(args: Optional[list[str]] = None) -> int:
         stores[meta["tracking_uri"]] = None
         if not _replay(spool, meta):
             waiting.add(meta["run_id"])
-    stores[resolve_tracking_uri(options.tracking_uri)] = None
+    # the option names the store to check; else the one a run would use (tracking.resolve_tracking_uri's order)
+    stores[options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"] = None
     ended = sum(_end_orphans(uri, waiting) for uri in stores)
     if not spools and not ended:
         print("nothing to send: no spool found under " + ", ".join(map(str, options.paths or ["checkpoints"])))
@@ -82,7 +81,7 @@ def _replay(spool: Spool, meta: dict) -> bool:
             print(f"run {run_id}: tracking server {uri} does not answer ({silent}); {spool.tally()} stay in {where}")
             return False
         client, sent = MlflowClient(uri), Tally()
-        for line, record in spool.unsent():
+        for line, record in spool.unsent_batches():
             try:
                 deliver(client, run_id, record, spool.folder)
             except Exception as err:
@@ -106,7 +105,6 @@ def _end_orphans(uri: str, waiting: set[str]) -> int:
     from mlflow.entities import ViewType
 
     from neuron_torch.store import sqlite_path
-    from neuron_torch.tracking import HOST_TAG, PID_TAG
 
     db = sqlite_path(uri)
     if db is not None and not db.exists():  # no store there: nothing to check, and none is created

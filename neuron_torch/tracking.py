@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from neuron_torch.spool import HOST_TAG, KEPT_EXIT, PID_TAG  # noqa: F401  (KEPT_EXIT: training's exit code)
 from neuron_torch.writer import MetricWriter, Outcome, shown_path
 
 if TYPE_CHECKING:
@@ -35,9 +36,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow 
 # the trajectory artifact has every update.
 METRIC_POINTS = 100
 MAX_PARAM_LENGTH = 6000
-HOST_TAG, PID_TAG = "neuron_torch.host", "neuron_torch.pid"  # the machine and process that run the run
 DEFAULT_TRACKING_WAIT = 30.0  # seconds the end of a run waits for a tracking server that stopped answering
-KEPT_EXIT = 75  # exit code of a run whose records wait in its spool (sysexits' EX_TEMPFAIL: try again later)
 
 
 def resolve_tracking_uri(configured: Optional[str]) -> str:

@@ -219,7 +219,7 @@ class MetricWriter:
         if why_silent(self.tracking_uri, PROBE_SECONDS) is not None:
             return
         sent = Tally()
-        for line, record in self._spool.unsent():
+        for line, record in self._spool.unsent_batches():
             try:
                 deliver(self.client, self.run_id, record, self._spool.folder)
             except Exception as err:
