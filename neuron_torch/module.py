@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
+import logging
 import warnings
 from typing import Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision,
@@ -17,7 +16,10 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Sc
 from neuron_torch import layers
 from neuron_torch.data import BatchGroup
 from neuron_torch.networks import ActivationName, DeepNetwork, HandBackprop, Init, SingleNeuron
-from neuron_torch.optim import make_update_rule
+from neuron_torch.optim import StepFailed, make_update_rule
+from neuron_torch.stopping import GROWTH, LOSS_FLOOR, Stop
+
+log = logging.getLogger("neuron_torch")
 
 UpdateRule = Literal["gd", "momentum", "nesterov", "adam", "newton"]
 
@@ -74,6 +76,10 @@ class NeuronModule(L.LightningModule):
     fused : bool
         Let the single neuron take its one-pass CPU kernel where it applies (see :mod:`neuron_torch.fused`);
         false forces the plain reference path (two passes over X), as ``NEURON_TORCH_FUSED=0`` does.
+    divergence : {"warn", "stop"}
+        What a training loss that grows past ``GROWTH`` (1000) times its start does: warn once, or stop the
+        run there (FAILED). A non-finite loss, gradient, Hessian or parameter always stops the run, keeping
+        the last finite state.
     """
 
     def __init__(self, feature_names: list[str], hidden_sizes: list[int] = [],
@@ -82,7 +88,7 @@ class NeuronModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_schedule: Optional[Literal["step", "cosine"]] = None, lr_step_size: int = 1000,
                  lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1,
-                 fused: bool = True):
+                 fused: bool = True, divergence: Literal["warn", "stop"] = "warn"):
         super().__init__()
         if updates_per_step < 1:
             raise ValueError(f"model.updates_per_step must be >= 1, got {updates_per_step}")
@@ -108,6 +114,10 @@ class NeuronModule(L.LightningModule):
         self.tracked_rows: Optional[Tensor] = None  # per update of this step: loss, ‖∇‖, tracked values
         self.converged_at: Optional[int] = None
         self.mlflow_run_id: Optional[str] = None  # the run tracking this training, kept in checkpoints
+        self.stop: Optional[Stop] = None  # set by a training step that stopped early (signal or divergence)
+        self.stop_signals = None  # neuron_torch.stopping.StopSignals while a run's handlers are armed
+        self._loss_start: Optional[Tensor] = None  # the loss the growth check compares with, on the device
+        self._growth_warned = False
 
     # --- what the tracker records per update --------------------------------------------------------------
 
@@ -133,6 +143,7 @@ class NeuronModule(L.LightningModule):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
         steps = self.global_step // self.updates_per_step
         progress.ready = progress.started = progress.processed = progress.completed = steps
+        self.stop, self._loss_start, self._growth_warned = None, None, False
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -153,23 +164,143 @@ class NeuronModule(L.LightningModule):
         n_updates = min(len(batches), self.trainer.max_steps - self.global_step)  # max_steps counts updates
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         parameters = dict(self.net.named_parameters())
-        snapshots = []
+        start = self._state(optimizer, schedule)  # what a failed check rolls back to
+        snapshots, flags, failed = [], [], None
+        distributed = self.trainer.world_size > 1
         for X, Y in batches[:n_updates]:
-            snapshot, converged = self._update(X, Y, parameters, optimizer, schedule)
+            if not distributed and self._signalled():  # a Python flag: no host sync
+                self.stop = Stop("interrupted", signum=self.stop_signals.signum)
+                break
+            try:
+                snapshot, converged, flag = self._update(X, Y, parameters, optimizer, schedule)
+            except StepFailed as err:  # Newton: no step can be computed from this state
+                failed = str(err)
+                break
             snapshots.append(snapshot)
+            flags.append(flag)
             if converged:
                 self.trainer.should_stop = True
                 break
-        self.tracked_rows = self.net.tracked_rows(torch.stack(snapshots))  # (updates run, columns), on device
+        rows = self.net.tracked_rows(torch.stack(snapshots)) if snapshots else self._no_rows()
+        self.tracked_rows = self._checked(rows, flags, failed, start, batches, parameters, optimizer, schedule)
 
-    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule) -> tuple[Tensor, bool]:
-        """One hand-written update; returns the network's snapshot of the state it started from, and whether
-        the gradient norm there was under ``tol``."""
+    def _signalled(self) -> bool:
+        return self.stop_signals is not None and self.stop_signals.signum is not None
+
+    def _checked(self, rows: Tensor, flags: list, failed: Optional[str], start: tuple, batches: list,
+                 parameters: dict, optimizer, schedule) -> Tensor:
+        """The step's rows, once it is checked: finite, not diverging, and (under DDP) no rank signalled.
+
+        One host read per training step, never per update. When the check fails, the state saved at the
+        step's start is restored and the updates before the failing one are replayed (same batches, same
+        operations: the same numbers), so the module holds the last finite state and ``global_step`` counts
+        exactly the updates kept; :attr:`stop` then says why, and the rows are cut to those updates.
+        """
+        k = len(rows)
+        if self._loss_start is None and k:
+            self._loss_start = rows[0, 0].clamp(min=LOSS_FLOOR)  # kept on the device
+        limit = GROWTH * self._loss_start if self._loss_start is not None else None
+        finite_rows = torch.isfinite(rows).all(1)  # (k,)
+        finite_params = torch.stack([torch.isfinite(p).all() for p in parameters.values()]).all()
+        grown = rows[:, 0] > limit if limit is not None else torch.zeros_like(finite_rows)
+        signalled = torch.stack(flags) > 0 if flags and flags[0] is not None else torch.zeros_like(finite_rows)
+        verdict = torch.stack([finite_rows.all(), finite_params, grown.any(), signalled.any()]).tolist()
+        all_finite, params_finite, any_grown, any_signal = verdict
+        if all_finite and params_finite and failed is None and not any_grown and not any_signal:
+            return rows
+
+        lr = self.hparams.learning_rate
+        step0 = self.global_step - k  # the updates done before this step
+        bad = ~finite_rows
+        if any_grown and self.hparams.divergence == "stop":
+            bad = bad | grown
+        elif any_grown and not self._growth_warned:
+            self._growth_warned = True
+            j = int(grown.nonzero()[0, 0])
+            log.warning(f"warning: the training loss grew from {float(self._loss_start):.4g} to "
+                        f"{float(rows[j, 0]):.4g} by update {step0 + j} (model.learning_rate {lr:g}): "
+                        f"training is diverging; lower model.learning_rate (model.divergence: stop ends "
+                        f"the run there)")
+        first_bad = int(bad.nonzero()[0, 0]) if bool(bad.any()) else (k if failed or not params_finite else None)
+        first_signal = int(signalled.nonzero()[0, 0]) + 1 if any_signal else None  # stop after that update
+        if first_bad is None and first_signal is None:
+            return rows
+        if first_bad is not None and (first_signal is None or first_bad <= first_signal):
+            keep = self._replay(start, batches, first_bad, parameters, optimizer, schedule)
+            self.stop = Stop("diverged", self._divergence_reason(rows, keep, step0, failed, limit, lr))
+        else:
+            keep = first_signal
+            if keep < k:
+                self._replay(start, batches, keep, parameters, optimizer, schedule)
+            self.stop = Stop("interrupted", signum=self.stop_signals.signum if self._signalled() else 2)
+        return rows[:keep]
+
+    def _divergence_reason(self, rows: Tensor, keep: int, step0: int, failed: Optional[str],
+                           limit: Optional[Tensor], lr: float) -> str:
+        """One line: which update, what went wrong, the learning rate and what to do."""
+        update = step0 + keep + 1  # the update that was not applied, counted from 1
+        if keep < len(rows) and not bool(torch.isfinite(rows[keep]).all()):
+            column = int((~torch.isfinite(rows[keep])).nonzero()[0, 0])
+            what = f"{self.tracked_names()[column]} is {float(rows[keep, column])} at its start"
+        elif (keep < len(rows) and limit is not None and self.hparams.divergence == "stop"
+              and bool(rows[keep, 0] > limit)):
+            what = (f"the training loss at its start grew from {float(self._loss_start):.4g} to "
+                    f"{float(rows[keep, 0]):.4g} (over {GROWTH:g} times the first)")
+        elif failed is not None and keep == len(rows):
+            what = failed
+        else:
+            what = "it makes the parameters non-finite"
+        return (f"training diverged at update {update}: {what} (model.learning_rate {lr:g}); "
+                f"lower model.learning_rate")
+
+    def _state(self, optimizer, schedule) -> tuple:
+        """What a training step starts from: parameters, update-rule state, schedule and step count."""
+        import copy
+
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        counts = (progress.total.ready, progress.total.completed, progress.current.ready,
+                  progress.current.completed)
+        return ([p.detach().clone() for p in self.net.parameters()],
+                copy.deepcopy(optimizer.optimizer.state_dict()),
+                schedule.state_dict() if schedule is not None else None, counts)
+
+    def _replay(self, start: tuple, batches: list, n: int, parameters: dict, optimizer, schedule) -> int:
+        """Restore the step's start and run its first ``n`` updates again; fewer while the parameters they
+        reach are not finite. Returns the number of updates kept."""
+        params, optimizer_state, schedule_state, counts = start
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        while True:
+            with torch.no_grad():
+                for p, saved in zip(self.net.parameters(), params):
+                    p.copy_(saved)
+            optimizer.optimizer.load_state_dict(optimizer_state)
+            if schedule is not None:
+                schedule.load_state_dict(schedule_state)
+            (progress.total.ready, progress.total.completed, progress.current.ready,
+             progress.current.completed) = counts
+            for X, Y in batches[:n]:
+                self._update(X, Y, parameters, optimizer, schedule)
+            if n == 0 or all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+                return n
+            n -= 1
+
+    def _no_rows(self) -> Tensor:
+        """The rows of a step that ran no update: (0, columns)."""
+        p = next(self.net.parameters())
+        return p.new_empty((0, len(self.tracked_names())))
+
+    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule
+                ) -> tuple[Tensor, bool, Optional[Tensor]]:
+        """One hand-written update; returns the network's snapshot of the state it started from, whether
+        the gradient norm there was under ``tol``, and (data-parallel only) the number of ranks that had been
+        signalled to stop, summed with the gradients, on the device."""
         bp = self.net.forward_backward(X, Y)
         loss, grads = bp.loss, bp.gradients
         hessian = self._hessian(X) if self.hparams.update_rule == "newton" else None
+        flag = None
         if self.trainer.world_size > 1:
-            loss, grads, hessian = self._all_reduce(X.shape[0], loss, grads, hessian)
+            loss, grads, hessian, flag = self._all_reduce(X.shape[0], loss, grads, hessian,
+                                                          stop=float(self._signalled()))
         # the state this update starts from: loss(w, b), the gradients and w, b themselves
         snapshot, converged = self.net.snapshot(loss, grads, bp), False
         if self.hparams.tol > 0:  # the gradient norm is read on the host only when it can stop training
@@ -186,36 +317,48 @@ class NeuronModule(L.LightningModule):
             schedule.step()
         if converged:
             self.converged_at = self.global_step  # the updates run, this one included
-        return snapshot, converged
+        return snapshot, converged, flag
 
     def _hessian(self, X: Tensor) -> Tensor:
         """The single neuron's ``(w, b)`` Hessian of the loss, L2 included, shape (n + 1, n + 1)."""
         linear = self.net.linear
         return layers.l2_hessian(layers.bce_hessian(X, linear.weight, linear.bias), self.net.l2)
 
-    def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None
-                    ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+    def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None,
+                    stop: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor], Tensor]:
         """Exact full-data gradients under data parallelism: the sum of per-rank sums over the global m.
 
         Each rank's loss, gradients (and Hessian) are means over its own ``m`` rows; ``Σ_r m_r·g_r / Σ_r m_r``
-        is the mean over all rows. The L2 terms, equal on every rank, come through unchanged.
+        is the mean over all rows. The L2 terms, equal on every rank, come through unchanged. ``stop`` (1 on
+        a rank that was signalled) rides in the same payload, so every rank learns of a signal at the same
+        update; its sum over the ranks is returned last.
         """
         reduce = self.trainer.strategy.reduce
         m_total = reduce(torch.tensor(float(m), device=loss.device), reduce_op="sum")
         parts = [loss.view(1)] + [g.flatten() for g in grads.values()]
         if hessian is not None:
             parts.append(hessian.flatten())
-        flat = reduce(torch.cat(parts) * m, reduce_op="sum") / m_total
+        signal = torch.tensor([stop], dtype=loss.dtype, device=loss.device)
+        payload = reduce(torch.cat([torch.cat(parts) * m, signal]), reduce_op="sum")
+        flat, signals = payload[:-1] / m_total, payload[-1]
         loss, offset, reduced = flat[0], 1, {}
         for name, g in grads.items():
             reduced[name] = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
         if hessian is not None:
             hessian = flat[offset:].view_as(hessian)
-        return loss, reduced, hessian
+        return loss, reduced, hessian, signals
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mlflow_run_id"] = self.mlflow_run_id
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run is a new MLflow run with its own checkpoints/<run id>/ folder: the old run's
+        # ModelCheckpoint bookkeeping (its folder, its best-k files) does not carry over. Dropping it here,
+        # before Lightning restores callbacks, is what keeps Lightning from warning that the folder changed.
+        callbacks = checkpoint.get("callbacks") or {}
+        for key in [key for key in callbacks if str(key).startswith("ModelCheckpoint")]:
+            del callbacks[key]
 
     def on_train_end(self) -> None:
         if self.hparams.tol > 0 and self.converged_at is None:
@@ -246,40 +389,3 @@ class NeuronModule(L.LightningModule):
         with torch.no_grad():
             X = (X_raw.to(self.feature_mean) - self.feature_mean) / self.feature_std
             return self.net(X)
-
-
-class LossProgressBar(TQDMProgressBar):
-    """The usual progress bar, counting updates and showing the training loss without a per-step ``self.log``.
-
-    It advances by ``global_step`` (several updates may run in one training step) and redraws at most every
-    ``refresh_seconds``, reading the loss from the module only then, so updates in between never wait on it.
-    """
-
-    def __init__(self, refresh_seconds: float = 0.2, **kwargs):
-        super().__init__(**kwargs)
-        self.refresh_seconds = refresh_seconds
-        self._last_refresh = 0.0
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("updates")  # training is one epoch of max_steps updates
-        self.train_progress_bar.total = trainer.max_steps
-        self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step  # resumed runs
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        bar, now = self.train_progress_bar, time.monotonic()
-        done = trainer.global_step >= trainer.max_steps or trainer.should_stop
-        if bar.disable or (now - self._last_refresh < self.refresh_seconds and not done):
-            return
-        self._last_refresh = now
-        bar.n = trainer.global_step
-        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-        bar.refresh()
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        rows = getattr(pl_module, "tracked_rows", None)
-        if rows is not None:
-            metrics["loss"] = f"{rows[-1, 0].item():.4g}"
-        metrics.pop("v_num", None)
-        return metrics

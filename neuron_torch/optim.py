@@ -17,6 +17,11 @@ import torch
 from torch import Tensor
 
 
+class StepFailed(ArithmeticError):
+    """No update can be computed from the current state (Newton: a non-finite Hessian, or one that damping
+    cannot make positive definite). The parameters are left as they were; training has diverged."""
+
+
 class GradientDescent(torch.optim.Optimizer):
     """Gradient descent, optionally with heavy-ball or Nesterov momentum.
 
@@ -206,7 +211,7 @@ class Newton(torch.optim.Optimizer):
             eps = torch.finfo(torch.float64).eps
             scale = max(1.0, H.diagonal().abs().max().item())
             if not torch.isfinite(H).all():
-                raise ValueError("hessian has non-finite entries")
+                raise StepFailed("the Hessian has non-finite entries")
             I = torch.eye(N, dtype=H.dtype, device=H.device)
             for k in range(20):  # δ up to ~2e3·max diag H, where Δ ≈ g/δ is a short gradient step
                 self.damping = 10.0**k * eps * scale
@@ -214,7 +219,7 @@ class Newton(torch.optim.Optimizer):
                 if info.item() == 0:
                     break
             else:
-                raise ValueError("hessian could not be made positive definite by damping")
+                raise StepFailed("the Hessian could not be made positive definite by damping")
         Delta = torch.cholesky_solve(g[:, None], L)[:, 0]  # H·Δ = g, (N,)
 
         offset = 0

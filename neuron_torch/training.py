@@ -12,7 +12,7 @@ from typing import Optional
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 
-from neuron_torch import config, summary, validation
+from neuron_torch import config, stopping, summary, validation
 from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
 from neuron_torch.console import setup_logging, user_error
 from neuron_torch.data import DataError
@@ -48,8 +48,16 @@ def train(args: Optional[list[str]] = None) -> int:
         return user_error(err)
 
     if rank_zero_only.rank != 0:  # a data-parallel worker: it trains; rank 0 alone tracks and reports
-        trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)  # resumes too
-        trainer.test(model, datamodule=data, verbose=False)
+        try:
+            with stopping.StopSignals() as signals:  # a signal stops every rank at the same update
+                # the checkpoint is written by rank 0; the other ranks only join its barrier
+                trainer.callbacks.append(stopping.StopTraining(signals, store_folder(trainer)))
+                trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
+                trainer.test(model, datamodule=data, verbose=False)
+        except stopping.Interrupted as stop:
+            return stop.code
+        except stopping.Diverged:
+            return 1  # rank 0 reports it
         return 0
 
     # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
@@ -80,8 +88,9 @@ def train(args: Optional[list[str]] = None) -> int:
     run_name = settings.run_name or summary.run_name(model.hparams.update_rule, model.hparams.learning_rate,
                                                      model.hparams.hidden_sizes)
     run = None
+    signals = stopping.StopSignals()  # SIGINT/SIGTERM: stop after the update in progress, keep a checkpoint
     try:
-        with tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
+        with signals, tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
             config_yaml = cli.parser.dump(cli.config, skip_unset=False)
             run.log_text(config_yaml, "config.yaml")
@@ -90,9 +99,14 @@ def train(args: Optional[list[str]] = None) -> int:
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
                 trainer.checkpoint_callback.dirpath = str(store.checkpoint_folder(trainer) / run.run_id)
 
+            # after the tracker: a step's rows are buffered before a stop (signal, divergence) ends training
+            trainer.callbacks.append(stopping.StopTraining(signals, store_folder(trainer, run.run_id)))
+
             model.mlflow_run_id = run.run_id  # saved in checkpoints, so a resumed run can name its origin
             # weights_only: Lightning's own load of the checkpoint runs no pickled code either
             trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+            if signals.signum is not None:  # signalled after the last update: the run ends here all the same
+                raise stopping.Interrupted(signals.signum)
             results = trainer.test(model, datamodule=data, verbose=False)[0]
 
             run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
@@ -101,6 +115,13 @@ def train(args: Optional[list[str]] = None) -> int:
             artifacts.log_figures(run, tracker, model, data)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
+    except stopping.Interrupted as stop:
+        if getattr(run, "status", None) != "KILLED":
+            raise
+        print(_interrupted(stop, run.run_id, argv, trainer.max_steps), file=sys.stderr)
+        return stop.code
+    except stopping.Diverged as err:  # the run is FAILED with the reason in its error tag
+        return user_error(err)
     except (SystemExit, KeyboardInterrupt):
         if getattr(run, "status", None) == "KILLED":
             print(f"\ninterrupted: run {run.run_id} was marked KILLED, with everything logged so far",
@@ -116,6 +137,38 @@ def train(args: Optional[list[str]] = None) -> int:
     checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
+
+
+def store_folder(trainer, run_id: str = "") -> "Path":
+    """The run's checkpoint folder: the checkpoint callback's, else ``checkpoints/<run id>/``."""
+    from pathlib import Path
+
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        return Path(trainer.checkpoint_callback.dirpath)
+    return Path(trainer.default_root_dir).absolute() / "checkpoints" / run_id  # checkpointing off: still one
+
+
+def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max_steps: int) -> str:
+    """What an interrupted run says: the run's status, its checkpoint and the command that resumes it."""
+    import shlex
+
+    lines = [f"\ninterrupted by {stop.name}"
+             + (f" after update {stop.step}" if stop.step is not None else "")
+             + f": run {run_id} was marked KILLED, with everything logged so far"]
+    if stop.checkpoint:
+        args, skip = [], False
+        for arg in argv:  # the same command, minus the checkpoint it may have resumed from
+            if skip or arg.startswith("--ckpt_path="):
+                skip = False
+                continue
+            if arg == "--ckpt_path":
+                skip = True
+                continue
+            args.append(arg)
+        command = shlex.join(["python", "train.py", *args, "--ckpt_path", stop.checkpoint,
+                              "--trainer.max_steps", str(max_steps)])
+        lines += [f"checkpoint: {stop.checkpoint}", f"resume with: {command}"]
+    return "\n".join(lines)
 
 
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
