@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def check_locations(uri: str, experiment: str, checkpoints: Optional[Path]) -> O
                 f"artifacts there; make it writable, or use another experiment (--mlflow.experiment NAME)")
     return (f"cannot write MLflow artifacts to {folder} ({reason}): a new experiment keeps its artifacts in "
             f"mlruns/ of the working folder; run from a writable folder, or create the experiment elsewhere "
-            f"first: mlflow experiments create -n {experiment} -l <a writable folder>")
+            f"first: mlflow experiments create -n {shlex.quote(experiment)} -l <a writable folder>")
 
 
 def checkpoint_folder(trainer) -> Optional[Path]:
