@@ -61,7 +61,8 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, announce: str = "stopping after the update in progress"):
+        self.announce = announce
         self.signum: Optional[int] = None
         self.armed = False
         self._previous: dict[int, object] = {}
@@ -89,8 +90,8 @@ class StopSignals:
         if self.signum is not None or not self.armed:
             raise Interrupted(signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the update in progress "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: {self.announce} (send it again to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 class StopTraining(L.Callback):

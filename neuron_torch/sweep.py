@@ -5,12 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
+
+from neuron_torch.stopping import Interrupted, StopSignals
 
 log = logging.getLogger("neuron_torch")
 
 SHORT_NAMES = {"learning_rate": "lr"}  # the classic figure says lr=0.1
+GRACE_SECONDS = 60.0  # how long stopped children may take to checkpoint and end their runs before SIGKILL
+POLL_SECONDS = 0.1
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -37,18 +45,100 @@ def child_args(base: list[str], point: dict[str, Any], parent_run_id: str, quiet
     return args + (["--trainer.enable_progress_bar", "false"] if quiet else [])
 
 
-def _train_child(args: list[str]) -> int:  # top level, so worker processes can import it
-    import sys
+def child_command(args: list[str]) -> list[str]:
+    """The command that trains one grid point in its own process."""
+    return [sys.executable, "-m", "neuron_torch.cli", "train", *args]
 
-    from neuron_torch.training import train
 
-    sys.argv = sys.argv[:1]  # the child's arguments are `args`, not the sweep's command line
-    return train(args)
+def child_environment(workers: int) -> dict[str, str]:
+    """The children's environment: the cores shared out, so ``workers`` children do not oversubscribe them.
+
+    torch sizes its thread pool from ``OMP_NUM_THREADS``; without it each child would take every core.
+    A value the user set is kept.
+    """
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    package_root = str(Path(__file__).resolve().parents[1])  # importable even when not installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def run_children(commands: list[list[str]], workers: int, env: dict[str, str],
+                 grace_seconds: float = GRACE_SECONDS) -> list[Optional[int]]:
+    """Run ``commands``, at most ``workers`` at once, each in its own process group; their exit codes.
+
+    On SIGINT or SIGTERM the signal goes to every running child (which stops after its update in progress,
+    writes a checkpoint and marks its run KILLED), no further child starts, the running ones get
+    ``grace_seconds`` to end (then SIGKILL), and :class:`~neuron_torch.stopping.Interrupted` is raised.
+    A second signal forwards that too (children then stop at once). Commands never started get ``None``.
+    """
+    codes: list[Optional[int]] = [None] * len(commands)
+    running: dict[int, subprocess.Popen] = {}
+    pending = list(range(len(commands)))
+    with StopSignals("stopping the sweep: the running children stop after their update in progress, "
+                     "no new one starts") as signals:
+        signals.armed = True
+        try:
+            forwarded = None
+            while pending or running:
+                while pending and len(running) < workers and signals.signum is None:
+                    i = pending.pop(0)
+                    # a session of its own: a Ctrl-C at the terminal reaches the parent, which forwards it once
+                    running[i] = subprocess.Popen(commands[i], env=env, start_new_session=True)
+                if signals.signum is not None:
+                    if forwarded is None:
+                        forwarded = signals.signum
+                        _signal_all(running.values(), forwarded)
+                    break
+                for i, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        codes[i] = proc.returncode
+                        del running[i]
+                time.sleep(POLL_SECONDS)
+        except Interrupted as again:  # a second signal: pass it on, the children stop at once
+            _signal_all(running.values(), again.signum)
+            forwarded = forwarded or again.signum
+        finally:
+            deadline = time.monotonic() + grace_seconds
+            for i, proc in running.items():
+                while codes[i] is None:
+                    try:
+                        codes[i] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        codes[i] = proc.wait()
+                    except Interrupted as again:  # another signal while waiting: the children get it too
+                        _signal_all(running.values(), again.signum)
+    if signals.signum is not None:
+        raise Interrupted(signals.signum)
+    return codes
+
+
+def _signal_all(procs, signum: int) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def mark_unfinished_killed(run) -> None:
+    """Children still RUNNING after the sweep was stopped (killed before they could end their run): KILLED."""
+    for child in run.client.search_runs([run.experiment_id], f"tags.`mlflow.parentRunId` = '{run.run_id}'",
+                                        max_results=10_000):
+        if child.info.status == "RUNNING":
+            run.client.set_terminated(child.info.run_id, "KILLED")
 
 
 def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
     """Train every grid point as a child of ``run`` (a :class:`~neuron_torch.tracking.TrackedRun`), then log
     the overlay of their loss curves, a table of their final metrics and the best child's tag on the parent.
+
+    Each child is its own process (``python -m neuron_torch.cli train ...``), at most ``settings.workers``
+    at once, each with ``max(1, cores // workers)`` threads unless ``OMP_NUM_THREADS`` is set.
 
     Returns the children's MLflow runs, in grid order, and the best child's run id.
 
@@ -56,6 +146,8 @@ def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
     ------
     RuntimeError
         When a child did not finish (its run is FAILED or KILLED; the parent ends FAILED).
+    Interrupted
+        On SIGINT or SIGTERM, once every running child has ended its run KILLED (the parent ends KILLED).
     """
     import pandas as pd
 
@@ -64,14 +156,12 @@ def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
     points = grid_points(settings.grid)
     runs_args = [child_args(base_args, p, run.run_id, quiet=settings.workers > 1) for p in points]
     started = time.time()
-    if settings.workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            codes = list(pool.map(_train_child, runs_args))
-    else:
-        codes = [_train_child(args) for args in runs_args]
+    try:
+        codes = run_children([child_command(a) for a in runs_args], settings.workers,
+                             child_environment(settings.workers))
+    except Interrupted:
+        mark_unfinished_killed(run)
+        raise
 
     found = run.client.search_runs([run.experiment_id], f"tags.`mlflow.parentRunId` = '{run.run_id}'",
                                    max_results=10_000)

@@ -157,11 +157,11 @@ def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max
              + f": run {run_id} was marked KILLED, with everything logged so far"]
     if stop.checkpoint:
         args, skip = [], False
-        for arg in argv:  # the same command, minus the checkpoint it may have resumed from
-            if skip or arg.startswith("--ckpt_path="):
+        for arg in argv:  # the same command, minus the checkpoint it may have resumed from and its length
+            if skip or arg.startswith(("--ckpt_path=", "--trainer.max_steps=")):
                 skip = False
                 continue
-            if arg == "--ckpt_path":
+            if arg in ("--ckpt_path", "--trainer.max_steps"):
                 skip = True
                 continue
             args.append(arg)
@@ -184,10 +184,17 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
         return user_error("sweep.grid: every key needs a non-empty list of values")
     settings: MLflowSettings = cli.config_init.mlflow
     name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%H%M%S')}"
-    with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
-        run.log_params(flat)
-        run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
-        children, best_id = run_sweep(run, sweep, args)
+    run = None
+    try:
+        with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
+            run.log_params(flat)
+            run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
+            children, best_id = run_sweep(run, sweep, args)
+    except stopping.Interrupted as stop:  # every child has ended its run (KILLED); so has the parent
+        where = f"sweep {run.run_id}" if run is not None else "the sweep"
+        print(f"\ninterrupted by {stop.name}: {where} and its running children were marked KILLED; "
+              f"each child's checkpoint is under checkpoints/<child run id>/", file=sys.stderr)
+        return stop.code
     print(summary.sweep_summary(run, uri, sweep.metric, children, best_id))
     return tracking.KEPT_EXIT if run.kept else 0
 
