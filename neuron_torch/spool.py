@@ -86,7 +86,7 @@ class Tally:
             self.status = record["status"]
 
     def __str__(self) -> str:
-        parts = [f"{self.values:,} values"] + (["the model"] if self.model else [])
+        parts = [f"{self.values:,} value{'' if self.values == 1 else 's'}"] + (["the model"] if self.model else [])
         if self.artifacts:
             parts.append(f"{self.artifacts} artifact{'s' if self.artifacts > 1 else ''}")
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
