@@ -2,8 +2,8 @@
 
 Several ``train.py`` started together in one folder share one sqlite file. MLflow creates and migrates the
 tables of a fresh file without a lock of its own (the second process finds half the tables and fails), and
-two runs may create the same new experiment at once. :func:`open_experiment` does both under a file lock next
-to the database (``mlflow.db.lock``) and takes the experiment another process created first.
+two runs may create the same new experiment at once. :func:`open_experiment` does both under a file lock (one per
+database, in the user's cache folder) and takes the experiment another process created first.
 
 :func:`check_locations` runs before any run exists: an unwritable store folder, checkpoint folder or artifact
 folder becomes one line naming the folder and the option that moves it, instead of MLflow's minutes of
@@ -13,6 +13,7 @@ retries. :func:`write_failure` turns the same kind of failure, when it only show
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import fcntl
 import os
@@ -45,9 +46,20 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(database).absolute() if database and database != ":memory:" else None
 
 
+def lock_file(db: Path) -> Path:
+    """The lock of database ``db``: one file per database path in the user's cache folder.
+
+    Not beside the database: the working folder holds only what a run leaves there on purpose (mlflow.db,
+    mlruns/, checkpoints/). Not the database file itself either: closing any descriptor of a sqlite file
+    drops the POSIX locks sqlite holds on it in that process.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuron_torch" / "locks"
+    return cache / (hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:20] + ".lock")
+
+
 @contextlib.contextmanager
 def store_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold ``<database>.lock`` (an exclusive ``flock``) for a sqlite store; no lock for other stores.
+    """Hold the database's :func:`lock_file` (an exclusive ``flock``) for a sqlite store; no lock for others.
 
     The kernel drops the lock when its process ends, so a crashed run never leaves the store locked.
 
@@ -60,13 +72,18 @@ def store_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     if db is None:
         yield
         return
-    lock = db.with_name(db.name + ".lock")
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)  # MLflow makes the database's folder too
+        db.parent.mkdir(parents=True, exist_ok=True)  # MLflow makes the database's folder too
+    except OSError as err:
+        reason = _unwritable(db.parent) or err.strerror  # "afile is not a folder" says more than EEXIST
+        raise StoreError(_folder_advice("the MLflow store", db.parent, reason)) from err
+    lock = lock_file(db)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        reason = _unwritable(lock.parent) or err.strerror  # "afile is not a folder" says more than EEXIST
-        raise StoreError(_folder_advice("the MLflow store", lock.parent, reason)) from err
+        raise StoreError(f"{lock.parent}: cannot hold the store's lock file ({err.strerror}); "
+                         "set XDG_CACHE_HOME to a writable folder") from err
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -81,7 +81,10 @@ def test_eight_runs_on_a_fresh_store(tmp_path):
     """No mlflow.db yet: one process creates and migrates the store, the others wait for it."""
     results = _start_together(tmp_path, [])
     _check_every_value(tmp_path, "neuron_torch", results)
-    assert (tmp_path / "mlflow.db.lock").exists()  # the lock lives beside the store it guards
+    # the working folder holds what the README says: the lock lives in the cache, not beside the store
+    left = sorted(p.name for p in tmp_path.iterdir()  # the logs and downloads are the test's own
+                  if not p.name.endswith(".log") and p.name != "downloaded")
+    assert left == ["checkpoints", "mlflow.db", "mlruns"]
 
 
 def test_eight_runs_create_one_new_experiment(tmp_path, empty_store):
@@ -119,12 +122,12 @@ def test_losing_the_create_race_takes_the_experiment(monkeypatch):
 
 def test_a_held_lock_ends_in_one_line(tmp_path):
     """A process stuck while holding the store's lock is named after the timeout instead of hanging the run."""
-    from neuron_torch.store import StoreError, store_lock
+    from neuron_torch.store import StoreError, lock_file, store_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(tmp_path / "mlflow.db.lock")], stdout=subprocess.PIPE, start_new_session=True)
+                               str(lock_file(tmp_path / "mlflow.db"))], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == b"held"
         with pytest.raises(StoreError, match="held by another process for 1 s"):
