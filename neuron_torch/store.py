@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+# MLflow 3's UI reads this tag to open an experiment on its runs rather than its GenAI overview (newer UIs
+# follow their workflow switch instead; the addresses the summary prints set it)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 LOCK_TIMEOUT_S = 300.0  # a fresh store's migrations take seconds; only a stuck process holds the lock longer
 SQLITE_HEADER = b"SQLite format 3\x00"
 # errors of the disk or the folder, not of the program: the user moves the folder or frees space
@@ -117,7 +120,7 @@ def open_experiment(uri: str, name: str):
         if found is not None:
             return client, found.experiment_id
         try:
-            return client, client.create_experiment(name)
+            return client, client.create_experiment(name, tags=EXPERIMENT_TAGS)
         except MlflowException as err:
             # another client of the store (a server, or a process outside this lock) created it first
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
