@@ -82,7 +82,7 @@ def reason(err: BaseException, timeout: Optional[float] = None) -> str:
         return "host name not found"
     if any(isinstance(e, requests.exceptions.RetryError) for e in chain):
         return "only error statuses after retries"
-    if any(isinstance(e, (ConnectionResetError, requests.exceptions.ConnectionError)) for e in chain):
+    if is_unreachable(err):  # reset, broken pipe, aborted: it was there, and went
         return "connection lost"
     return type(err).__name__
 
@@ -93,10 +93,10 @@ def _chain(err: BaseException):
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
-        for arg in getattr(err, "args", ())[:1]:  # urllib3 keeps the socket error as MaxRetryError.reason
+        for arg in getattr(err, "args", ()):  # requests and urllib3 keep the error they wrap as an argument
             if isinstance(arg, BaseException):
                 yield from _chain(arg)
-        reason_ = getattr(err, "reason", None)
+        reason_ = getattr(err, "reason", None)  # and as MaxRetryError.reason
         if isinstance(reason_, BaseException):
             yield from _chain(reason_)
         err = err.__cause__ or err.__context__

@@ -139,8 +139,10 @@ class TrackedRun:
         self.status = outcome.status
         if outcome.kept is not None:
             self.kept = outcome
-            log.warning("tracking server %s unreachable: %s kept in %s; send them with: neuron-torch sync",
-                        self.tracking_uri, outcome.kept, shown_path(outcome.spool))
+            where = shown_path(outcome.spool)
+            command = "neuron-torch sync" + ("" if where.startswith("checkpoints/") else f" {where}")  # its default
+            log.warning("tracking server %s unreachable: %s kept in %s; send them with: %s",
+                        self.tracking_uri, outcome.kept, where, command)
         self._folder.cleanup()
         return False
 

@@ -215,8 +215,10 @@ class MetricWriter:
         """Ask a silent server again (at most every RETRY_SECONDS); when it answers, send the spool in order."""
         if time.monotonic() < self._next_try:
             return
+        silent = why_silent(self.tracking_uri, PROBE_SECONDS)
+        # counted from the answer: a hung server takes the whole PROBE_SECONDS, and records keep flowing between
         self._next_try = time.monotonic() + RETRY_SECONDS
-        if why_silent(self.tracking_uri, PROBE_SECONDS) is not None:
+        if silent is not None:
             return
         sent = Tally()
         for line, record in self._spool.unsent_batches():

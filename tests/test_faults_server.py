@@ -256,6 +256,22 @@ def journal_values(spool: Path) -> dict[str, int]:
     return counts
 
 
+def interrupted_sync(client, run_id: str, folder: Path) -> None:
+    """A sync stopped half way: the first quarter of the records sent and counted, the second quarter sent but
+    stopped before it was counted (so the next sync sends it again)."""
+    from neuron_torch.spool import Spool, deliver
+
+    spool = Spool(folder)
+    spool.lock()
+    records = list(spool.unsent())
+    assert len(records) >= 8 and all(r["kind"] == "metrics" for _, r in records[:len(records) // 2])
+    for i, (line, record) in enumerate(records[:len(records) // 2]):
+        deliver(client, run_id, record, folder)
+        if i < len(records) // 4:
+            spool.mark_sent(line)
+    spool.unlock()
+
+
 def test_server_back_after_the_run_gets_every_value_from_sync(near_server, tmp_path, monkeypatch, capsys):
     env = near_server
     monkeypatch.setenv("NEURON_TORCH_TRACKING_WAIT", "1")  # the server stays away: do not wait 30 s for it
@@ -283,6 +299,7 @@ def test_server_back_after_the_run_gets_every_value_from_sync(near_server, tmp_p
     run = env.client.get_run(run_id)
     assert run.info.status == "RUNNING"  # the server never heard the end
     before = sum(len(steps) for steps in metric_points(env.client, run_id).values())
+    interrupted_sync(env.client, run_id, spool)
     done = subprocess.run(SYNC, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"run {run_id}: sent " in done.stdout and done.stdout.strip().endswith("FINISHED"), done.stdout
