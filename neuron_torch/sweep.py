@@ -16,7 +16,7 @@ from neuron_torch.stopping import Interrupted, StopSignals
 
 log = logging.getLogger("neuron_torch")
 
-SHORT_NAMES = {"learning_rate": "lr"}  # the classic figure says lr=0.1
+SHORT_NAMES = {"learning_rate": "lr", "hidden_sizes": "hidden", "update_rule": "rule"}  # the classic figure says lr=0.1
 GRACE_SECONDS = 60.0  # how long stopped children may take to checkpoint and end their runs before SIGKILL
 POLL_SECONDS = 0.1
 

@@ -174,7 +174,7 @@ def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
     """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
     from neuron_torch import tracking
-    from neuron_torch.sweep import run_sweep
+    from neuron_torch.sweep import SHORT_NAMES, run_sweep
 
     flat = _flat_config(cli)
     unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
@@ -183,7 +183,8 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
     if any(not isinstance(values, list) or not values for values in sweep.grid.values()):
         return user_error("sweep.grid: every key needs a non-empty list of values")
     settings: MLflowSettings = cli.config_init.mlflow
-    name = settings.run_name or f"sweep-{'-'.join(k.split('.')[-1] for k in sweep.grid)}-{time.strftime('%H%M%S')}"
+    keys = "-".join(SHORT_NAMES.get(k.split(".")[-1], k.split(".")[-1]) for k in sweep.grid)
+    name = settings.run_name or f"sweep-{keys}-{time.strftime('%H%M%S')}"  # short: the UI cuts names at ~24
     run = None
     try:
         with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:

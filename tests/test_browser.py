@@ -130,3 +130,29 @@ def test_compare_runs_page_shows_both_runs_and_the_loss(chromium, two_runs, ui, 
     run_chromium(chromium, tmp_path / "profile", budget, f"--screenshot={shot}", url)
     assert png_size(shot) == (1600, 1200)
     assert shot.stat().st_size > 20_000  # a blank or error page compresses to a few kB
+
+
+def test_the_printed_address_opens_on_the_runs(chromium, two_runs, ui, tmp_path):
+    """The experiment address the summary prints lands on the table of runs (MLflow's model-training view),
+    not on the GenAI overview of traces."""
+    from neuron_torch.summary import run_address
+
+    experiment_id, _ = two_runs
+    url = run_address(ui, experiment_id)
+    for budget in BUDGETS_MS:
+        dom = run_chromium(chromium, tmp_path / "profile", budget, "--dump-dom", url)
+        # the children are nested under the sweep's parent run, which the table shows first
+        missing = [text for text in ["sweep-lr-", "Runs", "Model training"] if text not in dom]
+        if not missing:
+            break
+    assert not missing, f"not in the rendered page after {budget} ms of virtual time: {missing}\n{dom[-2000:]}"
+    assert "No data available" not in dom  # the GenAI overview's empty trace charts
+
+    if os.environ.get("NEURON_TORCH_SCREENSHOT") == "1":
+        shot = REPO / "docs" / "mlflow-runs.png"
+    else:
+        shot = tmp_path / "mlflow-runs.png"
+    shot.unlink(missing_ok=True)
+    run_chromium(chromium, tmp_path / "profile", budget, f"--screenshot={shot}", url)
+    assert png_size(shot) == (1600, 1200)
+    assert shot.stat().st_size > 20_000
