@@ -84,7 +84,7 @@ def test_checkpoint_interval_also_divides_updates_per_step(tmp_path, monkeypatch
 
 def test_updates_per_step_below_one_is_a_clear_error(tracking_uri, runs_of, capsys):
     assert train(["--model.updates_per_step", "0", "--trainer.max_steps", "5"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: model.updates_per_step must be >= 1, got 0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: model.updates_per_step must be an integer >= 1, got 0"
     assert runs_of(tracking_uri) == []
 
 
@@ -102,7 +102,8 @@ def test_default_metric_cadence_gives_about_100_points(max_steps, every, trackin
 
 def test_log_every_n_steps_below_one_is_a_clear_error(tracking_uri, runs_of, capsys):
     assert train(["--mlflow.log_every_n_steps", "0", "--trainer.max_steps", "5"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: mlflow.log_every_n_steps must be >= 1, got 0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: mlflow.log_every_n_steps must be an integer >= 1, "
+                                                                "or null for about 100 points per metric, got 0")
     assert runs_of(tracking_uri) == []
 
 
