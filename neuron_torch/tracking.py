@@ -216,7 +216,9 @@ class MLflowTracking(L.Callback):
     def _flush(self) -> None:
         if self._count == 0:
             return
-        rows = self._buffer[:self._count].to("cpu", torch.float64).numpy()  # one transfer for many steps
+        # one transfer for many steps; a copy even when the buffer is already float64 on the CPU, since the
+        # writer thread reads these rows while the buffer is refilled
+        rows = self._buffer[:self._count].to("cpu", torch.float64, copy=True).numpy()
         steps = np.arange(self._first_step, self._first_step + self._count)
         self.run.writer.log_rows(steps, rows)
         keep = steps % self.every == 0
