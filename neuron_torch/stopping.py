@@ -57,6 +57,8 @@ class StopSignals:
 
     While training runs (:attr:`armed`) the first signal only sets :attr:`signum`; the module stops after
     the update in progress. A second signal, or one outside training, raises :class:`Interrupted` at once.
+    Once the run is ending (:attr:`unwinding`), further signals are only acknowledged: they would cut short
+    the writes that end the run KILLED.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -65,6 +67,7 @@ class StopSignals:
         self.announce = announce
         self.signum: Optional[int] = None
         self.armed = False
+        self.unwinding = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -87,7 +90,11 @@ class StopSignals:
         return False
 
     def _handle(self, signum: int, frame) -> None:
+        if self.unwinding:
+            print(f"\n{signal.Signals(signum).name}: already stopping; ending the run", file=sys.stderr, flush=True)
+            return
         if self.signum is not None or not self.armed:
+            self.unwinding = True
             raise Interrupted(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: {self.announce} (send it again to stop at once)",
@@ -126,7 +133,8 @@ class StopTraining(L.Callback):
         stop: Optional[Stop] = getattr(pl_module, "stop", None)
         if stop is None:
             return
-        self.signals.armed = False  # a signal from here on ends the run at once
+        self.signals.armed = False
+        self.signals.unwinding = True  # the run is ending: a signal now must not cut its last writes short
         step = trainer.global_step
         path = self.folder / f"{stop.kind}-step={step}.ckpt"
         trainer.save_checkpoint(path)  # every rank calls it (a barrier under DDP); rank 0 writes
