@@ -9,6 +9,7 @@ test metrics, so "every value arrived" is a count.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -341,3 +342,56 @@ def test_sync_marks_runs_of_dead_processes_killed(near_server, tmp_path):
     for name in ("alive", "elsewhere"):  # a live process, or a machine whose processes cannot be seen
         assert client.get_run(runs[name].info.run_id).info.status == "RUNNING"
         client.set_terminated(runs[name].info.run_id, "FINISHED")
+
+
+def kept_loss_points(journal: Path) -> int:
+    """``train/loss`` points in a spool's journal so far (complete lines only: the writer may be appending)."""
+    if not journal.exists():
+        return 0
+    lines = [line for line in journal.read_text().split("\n")[:-1] if line]
+    return sum(key == "train/loss" for line in lines for key, *_ in json.loads(line).get("metrics", []))
+
+
+def test_run_killed_while_its_server_is_away_is_sent_and_marked_killed(near_server, tmp_path):
+    """The worst case: the server goes, then the training process is SIGKILLed. What its writer had kept is in
+    the spool; sync sends it (the history has no gap) and ends the run KILLED, as its process is gone."""
+    from neuron_torch.sync import ENDED_TAG
+
+    env, steps = near_server, 3_000_000  # minutes of training: it is killed long before the end
+    every = steps // 100
+    with open(tmp_path / "train.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "neuron_torch.cli", "train", "--trainer.max_steps", str(steps),
+                                 "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10000"],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        run_id = None
+        while run_id is None or not env.client.get_metric_history(run_id, "train/loss"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "train.log")
+            experiment = env.client.get_experiment_by_name("neuron_torch")
+            runs = env.client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") \
+                if experiment else []
+            run_id = runs[0].info.run_id if runs else None
+            time.sleep(0.2)
+        sent = len(env.client.get_metric_history(run_id, "train/loss"))
+        env.server.kill()
+        journal = tmp_path / "checkpoints" / run_id / "spool" / "journal.jsonl"
+        while not kept_loss_points(journal):  # the writer has kept some of what came after
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "train.log")
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing the process can catch: it cannot end its run
+        proc.wait(timeout=30)
+    env.server.start()
+    assert env.client.get_run(run_id).info.status == "RUNNING"
+
+    done = subprocess.run(SYNC, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run {run_id}: sent " in done.stdout and "no final status in the spool" in done.stdout, done.stdout
+    assert f"run {run_id}: its process {proc.pid} on {socket.gethostname()} is gone; marked KILLED" in done.stdout
+    run = env.client.get_run(run_id)
+    assert run.info.status == "KILLED" and str(proc.pid) in run.data.tags[ENDED_TAG]
+    loss = sorted(m.step for m in env.client.get_metric_history(run_id, "train/loss"))
+    assert len(loss) > sent and loss == list(range(0, loss[-1] + 1, every))  # sent, then kept: no gap between
+    assert not journal.parent.exists()
