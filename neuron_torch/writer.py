@@ -13,7 +13,6 @@ background; when the server answers again the spool is sent, in order, and remov
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
