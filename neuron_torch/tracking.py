@@ -190,6 +190,8 @@ class MLflowTracking(L.Callback):
         self._history: list[tuple[np.ndarray, np.ndarray]] = []  # rows at the logging cadence, for figures
         self.validation: list[dict] = []  # {"step": ..., "val/loss": ..., ...} at each validation
         self.names: list[str] = []
+        self._metric_columns: list[int] = []
+        self._last: Optional[tuple[int, np.ndarray]] = None  # (step, row) of the last row handed over
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = self.names = pl_module.tracked_names()
@@ -197,17 +199,19 @@ class MLflowTracking(L.Callback):
         metric_columns = [j for j in range(len(names)) if j not in weights[self.max_weights:]]
         if self.every is None:
             self.every = max(1, math.ceil(trainer.max_steps / METRIC_POINTS))
+        self._metric_columns = metric_columns
         self.run.writer.set_columns(names, metric_columns, self.every)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         rows = pl_module.tracked_rows  # (updates of this step, columns)
-        if self._buffer is None:  # every step brings the same number of rows, the last one maybe fewer
+        if self._buffer is None or len(rows) > len(self._buffer):  # the last step may bring one row more
+            self._flush()
             self._buffer = rows.new_empty((max(self.chunk, len(rows)), rows.shape[1]))
         if self._count + len(rows) > len(self._buffer):
             self._flush()
-        if self._count == 0:
-            self._first_step = trainer.global_step - len(rows)  # the step the first update started from
+        if self._count == 0:  # the step of the buffer's first row: the state the step's first update started from
+            self._first_step = getattr(pl_module, "tracked_start", trainer.global_step - len(rows))
         self._buffer[self._count:self._count + len(rows)] = rows
         self._count += len(rows)
         if self._count == len(self._buffer) or time.monotonic() - self._last_flush > self.flush_seconds:
@@ -223,6 +227,7 @@ class MLflowTracking(L.Callback):
         self.run.writer.log_rows(steps, rows)
         keep = steps % self.every == 0
         self._history.append((steps[keep], rows[keep]))
+        self._last = (int(steps[-1]), rows[-1])
         self._count = 0
         self._last_flush = time.monotonic()
 
@@ -242,6 +247,15 @@ class MLflowTracking(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush()
+        self._log_last_row()
+
+    def _log_last_row(self) -> None:
+        """The last row goes to MLflow whatever the cadence: the metrics end where training ended."""
+        if self._last is None or self._last[0] % self.every == 0:
+            return
+        step, row = self._last
+        self.run.writer.log_metrics({self.names[j]: float(row[j]) for j in self._metric_columns}, step)
+        self._history.append((np.array([step]), row[None, :]))
 
     def history(self) -> "pandas.DataFrame":
         """The tracked values at the logging cadence: ``step`` and one column per name."""

@@ -69,12 +69,12 @@ def _check_every_value(folder: Path, experiment: str, results: list[tuple[int, s
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * RUNS
     assert len(client.search_experiments(filter_string=f"name = '{experiment}'")) == 1
     for run in runs:
-        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS + 1  # and the last result
         assert {"val/loss", "test/accuracy"} <= set(run.data.metrics)
         into = folder / "downloaded" / run.info.run_id
         into.mkdir(parents=True)
         trajectory = client.download_artifacts(run.info.run_id, "trajectory.parquet", str(into))
-        assert len(pd.read_parquet(trajectory)) == STEPS
+        assert len(pd.read_parquet(trajectory)) == STEPS + 1
 
 
 def test_eight_runs_on_a_fresh_store(tmp_path):
@@ -111,7 +111,7 @@ def test_losing_the_create_race_takes_the_experiment(monkeypatch):
             Client.lookups += 1
             return None if Client.lookups == 1 else mlflow.entities.Experiment("7", name, "", "active")
 
-        def create_experiment(self, name):
+        def create_experiment(self, name, tags=None):
             raise MlflowException(f"Experiment(name={name}) already exists.",
                                   mlflow.protos.databricks_pb2.RESOURCE_ALREADY_EXISTS)
 

@@ -36,7 +36,7 @@ def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(setup, tra
     # checkpoint stores float64 tensors as they are. Across processes with other thread settings it would not hold.
     pd.testing.assert_frame_equal(final[0], final[1], check_exact=True)
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")]
-    assert sorted(steps) == list(range(20, 40))  # the resumed run's axis continues from step 20
+    assert sorted(steps) == list(range(20, 41))  # the resumed run's axis continues from step 20, to the end
 
 
 def test_missing_checkpoint_is_a_clear_error(tracking_uri, runs_of, capsys):

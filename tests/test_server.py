@@ -82,7 +82,7 @@ def test_training_logs_to_a_tracking_server_with_proxied_artifacts(server, clien
     # metrics at every update (the default cadence gives ~100 points, so a 30-update run logs each one);
     # zero weights start at log(2)
     loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
-    assert [step for step, _ in loss] == list(range(30))
+    assert [step for step, _ in loss] == list(range(31))  # and the last update's result
     assert all(math.isfinite(value) for _, value in loss)
     assert loss[0][1] == pytest.approx(math.log(2), rel=1e-5) and loss[-1][1] < loss[0][1]
     assert {"val/loss", "val/accuracy", "test/accuracy", "test/auroc"} <= set(run.data.metrics)
@@ -102,7 +102,7 @@ def test_training_logs_to_a_tracking_server_with_proxied_artifacts(server, clien
     weights = pd.read_csv(client.download_artifacts(run_id, "weights.csv", str(downloads)))
     assert list(weights.columns) == ["feature", "weight", "bias"] and len(weights) == 30
     trajectory = pd.read_parquet(client.download_artifacts(run_id, "trajectory.parquet", str(downloads)))
-    assert trajectory["step"].tolist() == list(range(30))
+    assert trajectory["step"].tolist() == list(range(31))  # 30 updates' start states, and the last result
     np.testing.assert_allclose(trajectory["train/loss"], [value for _, value in loss], rtol=1e-6)
     # the same bytes from the server's plain HTTP endpoint, the one its UI uses
     query = urllib.parse.urlencode({"path": "weights.csv", "run_uuid": run_id})

@@ -195,12 +195,13 @@ def test_fast_run_metric_keys(fast_run):
 
 
 def test_fast_run_metric_history_cadence(fast_run):
-    """Per-update metrics at steps 0..N-1 where step % log_every_n_steps == 0; val every val_check_interval."""
+    """Per-update metrics at the steps where step % log_every_n_steps == 0, and at the last update's result
+    (step N) whatever the cadence; val every val_check_interval."""
     client, run_id = fast_run.client, fast_run.run_id
-    expected_steps = [s for s in range(MAX_STEPS) if s % EVERY == 0]
+    expected_steps = sorted({s for s in range(MAX_STEPS + 1) if s % EVERY == 0} | {MAX_STEPS})
     for key in ("train/loss", "train/grad_norm", "b", "w/mean radius", "w/worst symmetry"):
         assert [s for s, _ in history(client, run_id, key)] == expected_steps, key
-    assert len(history(client, run_id, "train/loss")) == math.ceil(MAX_STEPS / EVERY)
+    assert history(client, run_id, "train/loss")[-1][0] == MAX_STEPS
     val_steps = list(range(VAL_EVERY, MAX_STEPS + 1, VAL_EVERY))
     for key in ("val/loss", "val/accuracy", "val/auroc"):
         assert [s for s, _ in history(client, run_id, key)] == val_steps, key
@@ -226,8 +227,8 @@ def test_fast_run_trajectory_has_every_update(fast_run):
     traj = fast_run.trajectory
     names = [f"w/{n}" for n in breast_cancer_features()]
     assert list(traj.columns) == ["step", "train/loss", "train/grad_norm", "b", *names]
-    assert len(traj) == MAX_STEPS
-    assert traj["step"].tolist() == list(range(MAX_STEPS))
+    assert len(traj) == MAX_STEPS + 1  # the state each update started from, and the last one's result
+    assert traj["step"].tolist() == list(range(MAX_STEPS + 1))
     assert np.isfinite(traj.drop(columns="step").to_numpy()).all()
     # the MLflow metrics are the trajectory's rows at the logged steps
     for key in ("train/loss", "b", "w/mean radius"):
@@ -333,7 +334,7 @@ def test_default_config_reaches_095_test_accuracy(run_train, tracking_uri, runs_
     assert run.data.metrics["test/accuracy"] >= 0.95
     assert run.data.metrics["test/auroc"] >= 0.98
     client = MlflowClient(tracking_uri)
-    assert len(history(client, run.info.run_id, "train/loss")) == 100
+    assert len(history(client, run.info.run_id, "train/loss")) == 101  # every 10th update and the last result
     assert [s for s, _ in history(client, run.info.run_id, "val/accuracy")] == list(range(100, 1001, 100))
 
 
@@ -347,8 +348,8 @@ def test_max_steps_is_the_number_of_updates(run_train, tracking_uri, runs_of, tm
     assert run.info.status == "FINISHED"
     client = MlflowClient(tracking_uri)
     traj = pd.read_parquet(download(client, run.info.run_id, "trajectory.parquet", tmp_path / "a"))
-    assert traj["step"].tolist() == list(range(steps))
-    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(0, steps, every))
+    assert traj["step"].tolist() == list(range(steps + 1))  # each update's start, and the last one's result
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == sorted({*range(0, steps, every), steps})
 
 
 def test_float64_run(run_train, tracking_uri, runs_of, tmp_path, fast_args):
@@ -360,11 +361,11 @@ def test_float64_run(run_train, tracking_uri, runs_of, tmp_path, fast_args):
     assert run.data.params["trainer.precision"] == "64-true"
     client = MlflowClient(tracking_uri)
     traj = pd.read_parquet(download(client, run.info.run_id, "trajectory.parquet", tmp_path / "a"))
-    assert len(traj) == MAX_STEPS
+    assert len(traj) == MAX_STEPS + 1
     # in float64 the recorded loss is the float64 loss to round-off
     X, Y = (t.numpy() for t in cli.datamodule.split("train"))
     names = weight_names(traj.columns)
-    for k in (0, MAX_STEPS - 1):
+    for k in (0, MAX_STEPS - 1, MAX_STEPS):
         loss, *_ = gd_pieces(X, Y[:, 0], traj.loc[k, names].to_numpy(), float(traj.loc[k, "b"]))
         assert traj.loc[k, "train/loss"] == pytest.approx(loss, rel=1e-12)
     assert run.data.metrics["test/accuracy"] >= 0.9
@@ -379,7 +380,7 @@ def test_mini_batch_run(run_train, tracking_uri, runs_of, tmp_path, fast_args, f
     assert run.data.params["data.batch_size"] == "64"
     client = MlflowClient(tracking_uri)
     traj = pd.read_parquet(download(client, run.info.run_id, "trajectory.parquet", tmp_path / "a"))
-    assert traj["step"].tolist() == list(range(MAX_STEPS))
+    assert traj["step"].tolist() == list(range(MAX_STEPS + 1))
     # each update's loss and gradient come from a 64-row batch, not the 341 training rows
     X, Y = (t.numpy() for t in cli.datamodule.split("train"))
     names = weight_names(traj.columns)
@@ -418,9 +419,9 @@ def test_tol_stops_early(run_train, tracking_uri, runs_of, tmp_path, capsys):
     assert cli.model.converged_at == updates
     client = MlflowClient(tracking_uri)
     traj = pd.read_parquet(download(client, run.info.run_id, "trajectory.parquet", tmp_path / "a"))
-    assert len(traj) == updates
+    assert len(traj) == updates + 1  # the updates' start states and the converged state
     # it stopped at the first update whose starting gradient norm was under tol
-    norms = traj["train/grad_norm"].to_numpy()
+    norms = traj["train/grad_norm"].to_numpy()[:-1]  # the last row is the state that update reached
     assert norms[-1] < tol
     assert (norms[:-1] >= tol).all()
     assert f"{updates} updates, converged" in capsys.readouterr().out
@@ -467,8 +468,9 @@ def test_no_autograd_graph_and_global_step_counts_updates(tracking_uri, k):
             rows = pl_module.tracked_rows
             assert rows.requires_grad is False
             assert rows.grad_fn is None
-            assert len(rows) == min(k, 12 - self.updates)
-            self.updates += len(rows)
+            done = self.updates + min(k, 12 - self.updates)
+            assert len(rows) == done - self.updates + (done == 12)  # the last step adds the final state's row
+            self.updates = done
             assert trainer.global_step == self.updates
             self.weights.append(pl_module.net.linear.weight.detach().clone())
 
@@ -587,7 +589,7 @@ def test_metrics_reach_the_store_when_the_writer_lags(run_train, tracking_uri, r
     run = the_run(tracking_uri, runs_of)
     assert run.info.status == "FINISHED"
     assert "test/accuracy" in run.data.metrics
-    assert [s for s, _ in history(MlflowClient(tracking_uri), run.info.run_id, "train/loss")] == list(range(5))
+    assert [s for s, _ in history(MlflowClient(tracking_uri), run.info.run_id, "train/loss")] == list(range(6))
 
 
 def test_run_names(run_train, tracking_uri, runs_of):
