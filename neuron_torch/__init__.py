@@ -1,8 +1,29 @@
 """neuron_torch: logistic regression as one sigmoid neuron with hand-written gradients, and deeper networks
-on the same machinery, trained in PyTorch Lightning and tracked in MLflow."""
+on the same machinery, trained in PyTorch Lightning and tracked in MLflow.
 
-from neuron_torch.loading import NeuronPredictor, load_model
-from neuron_torch.networks import BackwardPass, DeepNetwork, HandBackprop, SingleNeuron
+The public names are imported when first used, so ``neuron-torch --help`` does not wait for torch.
+"""
 
-__all__ = ["BackwardPass", "DeepNetwork", "HandBackprop", "NeuronPredictor", "SingleNeuron", "load_model"]
+from __future__ import annotations
+
+import importlib
+
+# public name → the module that defines it
+_PUBLIC = {"BackwardPass": "neuron_torch.networks", "DeepNetwork": "neuron_torch.networks",
+           "HandBackprop": "neuron_torch.networks", "SingleNeuron": "neuron_torch.networks",
+           "NeuronPredictor": "neuron_torch.loading", "load_model": "neuron_torch.loading"}
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'neuron_torch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
