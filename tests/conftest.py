@@ -195,3 +195,16 @@ def needs_fused():
     reason = compiler_skip_reason()
     if reason:
         pytest.skip(reason)
+
+
+def one_error_line(err: str, *fragments: str) -> str:
+    """The one ``error:`` line of a refused command: no traceback, exactly one such line, the last on stderr,
+    holding every fragment. Returns it."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert err.rstrip().splitlines()[-1] == errors[0]  # the message is the last thing, on one line
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from conftest import one_error_line
 from neuron_torch.cli import train
 from neuron_torch.data import read_table
 
@@ -27,13 +28,7 @@ def exit_code(args: list[str]) -> int:
 def assert_clean_failure(code, err: str, uri: str, runs_of, *fragments: str) -> str:
     """Exit code 2, exactly one ``error:`` line, last on stderr, holding every fragment; no traceback; no run."""
     assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    line = errors[0]
-    assert err.rstrip().splitlines()[-1] == line  # the message is the last thing, on one line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
+    line = one_error_line(err, *fragments)
     assert runs_of(uri) == []
     return line
 

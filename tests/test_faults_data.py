@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import conftest
 from conftest import all_runs, own_log_handler
 from neuron_torch import load_model
 from neuron_torch.cli import predict, train
@@ -52,13 +53,7 @@ def exit_code(args: list[str]) -> int:
 def one_error_line(code: int, err: str, *fragments: str) -> str:
     """Exit code 2 and exactly one ``error:`` line, last on stderr, holding every fragment; no traceback."""
     assert code == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert err.rstrip().splitlines()[-1] == errors[0]
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
+    return conftest.one_error_line(err, *fragments)
 
 
 def nested(kind: str, m: int = 40) -> list:

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import all_runs, own_log_handler
+from conftest import all_runs, one_error_line, own_log_handler
 from neuron_torch import load_model
 from neuron_torch.cli import predict, train
 from neuron_torch.config import _global_step_of
@@ -43,16 +43,6 @@ class Payload:
 def planting(marker: Path) -> str:
     """Python source that writes ``marker`` when imported or executed."""
     return f"open({str(marker)!r}, 'w').write('code ran')\n"
-
-
-def one_error_line(err: str, *fragments: str) -> str:
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert err.rstrip().splitlines()[-1] == errors[0]
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
