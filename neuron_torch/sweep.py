@@ -45,6 +45,10 @@ def child_args(base: list[str], point: dict[str, Any], parent_run_id: str, quiet
     return args + (["--trainer.enable_progress_bar", "false"] if quiet else [])
 
 
+class SweepIncomplete(RuntimeError):
+    """Some children did not finish (FAILED or KILLED runs); the parent run ends FAILED."""
+
+
 def child_command(args: list[str]) -> list[str]:
     """The command that trains one grid point in its own process."""
     return [sys.executable, "-m", "neuron_torch.cli", "train", *args]
@@ -144,7 +148,7 @@ def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
 
     Raises
     ------
-    RuntimeError
+    SweepIncomplete
         When a child did not finish (its run is FAILED or KILLED; the parent ends FAILED).
     Interrupted
         On SIGINT or SIGTERM, once every running child has ended its run KILLED (the parent ends KILLED).
@@ -194,5 +198,5 @@ def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
                  best["run"], settings.metric, best[settings.metric])
     log.info("sweep of %d runs took %.1f s", len(points), time.time() - started)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(points)} sweep runs did not finish: {', '.join(failed)}")
+        raise SweepIncomplete(f"{len(failed)} of {len(points)} sweep runs did not finish: {', '.join(failed)}")
     return children, best_id

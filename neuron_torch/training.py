@@ -174,7 +174,7 @@ def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
     """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
     from neuron_torch import tracking
-    from neuron_torch.sweep import SHORT_NAMES, run_sweep
+    from neuron_torch.sweep import SHORT_NAMES, SweepIncomplete, run_sweep
 
     flat = _flat_config(cli)
     unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
@@ -196,6 +196,8 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
         print(f"\ninterrupted by {stop.name}: {where} and its running children were marked KILLED; "
               f"each child's checkpoint is under checkpoints/<child run id>/", file=sys.stderr)
         return stop.code
+    except SweepIncomplete as err:  # each child said why in its own output; the parent is FAILED
+        return user_error(err)
     print(summary.sweep_summary(run, uri, sweep.metric, children, best_id))
     return tracking.KEPT_EXIT if run.kept else 0
 
