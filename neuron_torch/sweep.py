@@ -130,7 +130,7 @@ def _signal_all(procs, signum: int) -> None:
 
 
 def mark_unfinished_killed(run) -> None:
-    """Children still RUNNING after the sweep was stopped (killed before they could end their run): KILLED."""
+    """Children still RUNNING once their processes are gone (killed before they could end their run): KILLED."""
     for child in run.client.search_runs([run.experiment_id], f"tags.`mlflow.parentRunId` = '{run.run_id}'",
                                         max_results=10_000):
         if child.info.status == "RUNNING":
@@ -166,6 +166,7 @@ def run_sweep(run, settings, base_args: list[str]) -> tuple[list, str | None]:
     except Interrupted:
         mark_unfinished_killed(run)
         raise
+    mark_unfinished_killed(run)  # a child whose process died without ending its run (killed, out of memory)
 
     found = run.client.search_runs([run.experiment_id], f"tags.`mlflow.parentRunId` = '{run.run_id}'",
                                    max_results=10_000)
