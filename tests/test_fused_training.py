@@ -29,13 +29,13 @@ def test_fused_and_reference_training_agree(tracking_uri, runs_of, monkeypatch, 
         calls.clear()
         assert train(args) == 0
         assert built[-1].model.net.fused is (flag == "true")
-        assert (len(calls) == 60) is (flag == "true") and (not calls) is (flag == "false")
+        assert (len(calls) == 61) is (flag == "true") and (not calls) is (flag == "false")  # 60 updates and the final state's row
         assert all(out is not None for out in calls)  # the kernel itself computed every fused update
         run = next(r for r in runs_of(tracking_uri) if r.info.run_name == f"fused-{flag}")
         path = MlflowClient(tracking_uri).download_artifacts(run.info.run_id, "trajectory.parquet",
                                                              str(tmp_path))
         trajectories[flag] = pd.read_parquet(path)
     fast, reference = trajectories["true"], trajectories["false"]
-    assert fast["step"].tolist() == reference["step"].tolist() == list(range(60))
+    assert fast["step"].tolist() == reference["step"].tolist() == list(range(61))
     # float64: the two paths sum in different orders, so they agree to rounding, not bit for bit
     np.testing.assert_allclose(fast.to_numpy(), reference.to_numpy(), rtol=1e-12, atol=1e-13)
