@@ -36,6 +36,9 @@ def setup_logging() -> None:
     # "Downloading artifacts" bars (log_model reads the model back once). A user's setting wins.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at" for a tracking server whenever a run ends; the summary prints the run's
+    # address itself, in the UI's model-training view
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
         log.addHandler(_StderrHandler())
         log.setLevel(logging.INFO)
