@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -139,10 +140,8 @@ def train(args: Optional[list[str]] = None) -> int:
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
 
 
-def store_folder(trainer, run_id: str = "") -> "Path":
+def store_folder(trainer, run_id: str = "") -> Path:
     """The run's checkpoint folder: the checkpoint callback's, else ``checkpoints/<run id>/``."""
-    from pathlib import Path
-
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
         return Path(trainer.checkpoint_callback.dirpath)
     return Path(trainer.default_root_dir).absolute() / "checkpoints" / run_id  # checkpointing off: still one
@@ -150,23 +149,12 @@ def store_folder(trainer, run_id: str = "") -> "Path":
 
 def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max_steps: int) -> str:
     """What an interrupted run says: the run's status, its checkpoint and the command that resumes it."""
-    import shlex
-
     lines = [f"\ninterrupted by {stop.name}"
              + (f" after update {stop.step}" if stop.step is not None else "")
              + f": run {run_id} was marked KILLED, with everything logged so far"]
     if stop.checkpoint:
-        args, skip = [], False
-        for arg in argv:  # the same command, minus the checkpoint it may have resumed from and its length
-            if skip or arg.startswith(("--ckpt_path=", "--trainer.max_steps=")):
-                skip = False
-                continue
-            if arg in ("--ckpt_path", "--trainer.max_steps"):
-                skip = True
-                continue
-            args.append(arg)
-        command = shlex.join(["python", "train.py", *args, "--ckpt_path", stop.checkpoint,
-                              "--trainer.max_steps", str(max_steps)])
+        # the same command, minus the checkpoint it may have resumed from and its length
+        command = summary.resume_command(argv, stop.checkpoint, max_steps)
         lines += [f"checkpoint: {stop.checkpoint}", f"resume with: {command}"]
     return "\n".join(lines)
 
