@@ -55,6 +55,7 @@ def train(args: Optional[list[str]] = None) -> int:
                 trainer.callbacks.append(stopping.StopTraining(signals, store_folder(trainer)))
                 trainer.fit(model, datamodule=data, ckpt_path=cli.config.ckpt_path, weights_only=True)
                 trainer.test(model, datamodule=data, verbose=False)
+                _release_process_group()
         except stopping.Interrupted as stop:
             return stop.code
         except stopping.Diverged:
@@ -109,6 +110,7 @@ def train(args: Optional[list[str]] = None) -> int:
             if signals.signum is not None:  # signalled after the last update: the run ends here all the same
                 raise stopping.Interrupted(signals.signum)
             results = trainer.test(model, datamodule=data, verbose=False)[0]
+            _release_process_group()  # the last collective is done: what follows is rank 0's alone
 
             run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
             artifacts.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
@@ -138,6 +140,15 @@ def train(args: Optional[list[str]] = None) -> int:
     checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
+
+
+def _release_process_group() -> None:
+    """Data parallel: end torch.distributed's process group once the last collective is done. Left to the
+    interpreter's exit, its gloo threads can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def store_folder(trainer, run_id: str = "") -> Path:
