@@ -22,6 +22,12 @@ def user_error(err: Exception | str) -> int:
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "mlflow")
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def setup_logging() -> None:
     """The project's INFO lines on stderr; the libraries' own INFO chatter off; real warnings kept."""
     # a deprecation inside Lightning itself, printed on every run, that users can do nothing about

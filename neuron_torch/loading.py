@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
+from neuron_torch.console import first_line
 from neuron_torch.tables import DataError, feature_matrix
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -
         description = json.loads(meta.read_text())
         _check_meta(description)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ModelLoadError(f"{where}: meta.json is not a neuron_torch model description ({_first_line(err)})") from None
+        raise ModelLoadError(f"{where}: meta.json is not a neuron_torch model description ({first_line(err)})") from None
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing a file
             warnings.simplefilter("ignore")
@@ -177,11 +178,11 @@ def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -
         net.load_state_dict(state)
     except Exception as err:  # wrong keys or shapes, a non-dict, an unknown activation
         raise ModelLoadError(f"{where}: weights.pt does not fit the network meta.json describes "
-                             f"({_first_line(err)})") from None
+                             f"({first_line(err)})") from None
     try:
         settings = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else None
     except (OSError, yaml.YAMLError) as err:
-        raise ModelLoadError(f"{where}: config.yaml cannot be read ({_first_line(err)})") from None
+        raise ModelLoadError(f"{where}: config.yaml cannot be read ({first_line(err)})") from None
     return NeuronPredictor(net.double().eval(), description, settings)
 
 
@@ -228,7 +229,7 @@ def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> O
     except Exception as err:  # MLflow raises several types for a URI or file that is not there
         if name == "config.yaml":  # kept for reference only; the other two files are the model
             return None
-        raise ModelLoadError(f"cannot load model {uri}: {_first_line(err)}") from None
+        raise ModelLoadError(f"cannot load model {uri}: {first_line(err)}") from None
 
 
 def refusal(err: Exception) -> str:
@@ -242,14 +243,9 @@ def refusal(err: Exception) -> str:
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     if detail:
         return detail.group(1).strip()
-    return _first_line(err)
+    return first_line(err)
 
 
 def _shapes(shapes: dict[str, tuple]) -> str:
     listed = ", ".join(f"{name} {list(shape)}" for name, shape in list(shapes.items())[:4])
     return listed + (", ..." if len(shapes) > 4 else "")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from neuron_torch.console import first_line
+
 # MLflow 3's UI reads this tag to open an experiment on its runs rather than its GenAI overview (newer UIs
 # follow their workflow switch instead; the addresses the summary prints set it)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -169,7 +171,7 @@ def check_locations(uri: str, experiment: str, checkpoints: Optional[Path]) -> O
     except StoreError as err:
         return str(err)
     except (MlflowException, SQLAlchemyError, OSError) as err:
-        return f"cannot open the MLflow store {uri}: {_first_line(err)}"
+        return f"cannot open the MLflow store {uri}: {first_line(err)}"
     # MLflow's store keeps the root new experiments get (./mlruns for sqlite); there is no public getter
     root = found.artifact_location if found else getattr(client._tracking_client.store, "artifact_root_uri", None)
     folder = _local_folder(root)
@@ -286,8 +288,3 @@ def _chain(err: Optional[BaseException]) -> Iterator[BaseException]:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

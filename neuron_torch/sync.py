@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from neuron_torch.console import setup_logging, user_error
+from neuron_torch.console import first_line, setup_logging, user_error
 from neuron_torch.reachability import bound_http_retries, is_unreachable, reason, why_silent
 from neuron_torch.spool import HOST_TAG, KEPT_EXIT, PID_TAG, Spool, SpoolBusy, Tally, deliver, find
 from neuron_torch.writer import shown_path
@@ -86,7 +86,7 @@ def _replay(spool: Spool, meta: dict) -> bool:
                 deliver(client, run_id, record, spool.folder)
             except Exception as err:
                 why = (f"tracking server {uri} stopped answering ({reason(err)})" if is_unreachable(err)
-                       else f"the store refused a {record['kind']} record ({str(err).strip().splitlines()[0]})")
+                       else f"the store refused a {record['kind']} record ({first_line(err)})")
                 print(f"run {run_id}: {why} after {sent}; the rest stays in {where}")
                 return False
             spool.mark_sent(line)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from neuron_torch.console import first_line
+
 if TYPE_CHECKING:
     import pandas
 
@@ -80,7 +82,7 @@ def read_frame(path: str) -> "pandas.DataFrame":
         raise DataError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, csv.Error, UnicodeDecodeError, OSError, ValueError, TypeError) as err:
         # pyarrow's ArrowInvalid is a ValueError; its first line names what is wrong
-        raise DataError(f"{path}: cannot be read as {kind}: {_first_line(err)}") from None
+        raise DataError(f"{path}: cannot be read as {kind}: {first_line(err)}") from None
     names = [str(c) for c in frame.columns]
     _refuse_repeated(names, path)  # e.g. parquet columns 1 and "1"
     frame.columns = names
@@ -197,8 +199,3 @@ def _as_float(value) -> float:
         return float("inf")
     except (TypeError, ValueError):
         return float("nan")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

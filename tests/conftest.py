@@ -208,3 +208,21 @@ def one_error_line(err: str, *fragments: str) -> str:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
 
+
+@contextlib.contextmanager
+def project_log():
+    """The ``neuron_torch`` logger's INFO lines written inside the block, in a ``StringIO``."""
+    import io
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("neuron_torch")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import one_error_line
+from conftest import one_error_line, project_log
 from neuron_torch.cli import train
 from neuron_torch.data import read_table
 
@@ -113,22 +113,10 @@ def test_non_finite_value_is_shown_as_written(tracking_uri, runs_of, write_table
 
 
 def test_breast_cancer_log_names_the_labels_plainly():
-    import io
-    import logging
-
     from neuron_torch.data import NeuronDataModule
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("neuron_torch")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
+    with project_log() as stream:
         NeuronDataModule().prepare()
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     assert "label 1 = 'benign', 0 = 'malignant'" in stream.getvalue()
 
 

@@ -108,23 +108,11 @@ def test_a_folder_is_not_file_not_found(tracking_uri, runs_of, tmp_path, capsys)
 
 
 def test_log_names_label_1_and_how_to_choose_it(tmp_path):
-    import io
-    import logging
-
     from neuron_torch.data import NeuronDataModule
 
     frame_of().to_csv(tmp_path / "s.csv", index=False)
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("neuron_torch")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
+    with conftest.project_log() as stream:
         NeuronDataModule(path=str(tmp_path / "s.csv"), target="label").prepare()
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     text = stream.getvalue()
     assert "label 1 = 'yes', 0 = 'no'" in text
     assert "--data.positive_label no" in text
