@@ -11,6 +11,7 @@ import importlib
 # public name → the module that defines it
 _PUBLIC = {"BackwardPass": "neuron_torch.networks", "DeepNetwork": "neuron_torch.networks",
            "HandBackprop": "neuron_torch.networks", "SingleNeuron": "neuron_torch.networks",
+           "SoftmaxRegression": "neuron_torch.networks", "build_network": "neuron_torch.networks",
            "NeuronPredictor": "neuron_torch.loading", "load_model": "neuron_torch.loading"}
 
 __all__ = sorted(_PUBLIC)

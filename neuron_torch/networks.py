@@ -1,7 +1,7 @@
 """Networks whose gradients are written by hand: the single neuron and its deeper generalisation.
 
-Both hold ``nn.Linear`` layers and share one backward pass (:class:`HandBackprop`): the single neuron is the
-network with no hidden layer.
+All hold ``nn.Linear`` layers and share one backward pass (:class:`HandBackprop`): the single neuron is the
+network with no hidden layer and one sigmoid unit, :class:`SoftmaxRegression` its k-class form.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class BackwardPass(NamedTuple):
 class HandBackprop(nn.Module):
     """Forward and hand-written backward pass over a stack of ``nn.Linear`` layers.
 
-    Hidden layers apply ``activation``; the output layer is one sigmoid unit trained on the mean binary
-    cross-entropy. Subclasses define :attr:`linears`, the layers in order.
+    Hidden layers apply ``activation``. The output layer is one sigmoid unit trained on the mean binary
+    cross-entropy (two classes, labels ``Y`` of shape (m, 1) in {0, 1}) or k softmax units trained on the mean
+    cross-entropy (k classes, one-hot ``Y`` of shape (m, k)); either way its ``dZ = A − Y``
+    (:data:`neuron_torch.layers.OUTPUTS`). Subclasses define :attr:`linears`, the layers in order.
 
     Parameters
     ----------
@@ -39,12 +41,17 @@ class HandBackprop(nn.Module):
         The hidden layers' activation ``g``.
     l2 : float
         Weight of the penalty ``(λ/2)·Σ‖W‖²`` added to the loss (biases are not penalised).
+    output : {"sigmoid", "softmax"}
+        The output head.
     """
 
     linears: Sequence[nn.Linear]
 
-    def __init__(self, activation: ActivationName = "relu", l2: float = 0.0):
+    def __init__(self, activation: ActivationName = "relu", l2: float = 0.0, output: str = "sigmoid"):
         super().__init__()
+        if output not in layers.OUTPUTS:
+            raise ValueError(f"output must be one of {sorted(layers.OUTPUTS)}, got {output!r}")
+        self.output = output
         if activation not in layers.ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(layers.ACTIVATIONS)}, got {activation!r}")
         if l2 < 0:
@@ -52,8 +59,13 @@ class HandBackprop(nn.Module):
         self.activation = activation
         self.l2 = float(l2)
 
+    @property
+    def n_outputs(self) -> int:
+        """Units of the output layer: 1 for two classes (a sigmoid), k for k > 2 classes (a softmax)."""
+        return self.linears[-1].out_features
+
     def forward(self, X: Tensor) -> Tensor:
-        """Probability of the positive class.
+        """Class probabilities.
 
         Parameters
         ----------
@@ -61,34 +73,39 @@ class HandBackprop(nn.Module):
 
         Returns
         -------
-        A : Tensor, shape (m, 1)
+        A : Tensor, shape (m, 1) or (m, k)
+            The probability of label 1 (sigmoid output), or of each class (softmax output).
         """
-        return layers.sigmoid(self.logits(X))
+        return layers.OUTPUTS[self.output].forward(self.logits(X))
 
     def logits(self, X: Tensor) -> Tensor:
-        """Pre-activation ``Z`` of the output unit, shape (m, 1)."""
+        """Pre-activation ``Z`` of the output layer, shape (m, 1) or (m, k)."""
         g = layers.ACTIVATIONS[self.activation].forward
         A = X
         for layer in self.linears[:-1]:
             A = g(layers.linear_forward(A, layer.weight, layer.bias))  # (m, n_l)
         out = self.linears[-1]
-        return layers.linear_forward(A, out.weight, out.bias)  # (m, 1)
+        return layers.linear_forward(A, out.weight, out.bias)  # (m, k)
 
     @torch.no_grad()
-    def forward_backward(self, X: Tensor, Y: Tensor) -> BackwardPass:
+    def forward_backward(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> BackwardPass:
         """Loss and hand-written gradients of every parameter; no autograd graph is built.
 
         Parameters
         ----------
         X : Tensor, shape (m, n_features)
-        Y : Tensor, shape (m, 1)
-            Labels in {0, 1}, same dtype as ``X``.
+        Y : Tensor, shape (m, 1) or (m, k)
+            Labels in {0, 1} (sigmoid output) or one-hot rows (softmax output), same dtype as ``X``.
+        weight : Tensor, shape (m, 1), optional
+            Non-negative sample weights: the loss and every gradient become weighted means,
+            ``Σ wᵢ·dZᵢ·xᵢ / Σ wᵢ``.
 
         Returns
         -------
         BackwardPass
         """
         act = layers.ACTIVATIONS[self.activation]
+        head = layers.OUTPUTS[self.output]
         linears = list(self.linears)
         # forward, caching each layer's input A_prev and pre-activation Z
         A, A_prevs, Zs = X, [], []
@@ -96,12 +113,12 @@ class HandBackprop(nn.Module):
             A_prevs.append(A)
             Z = layers.linear_forward(A, layer.weight, layer.bias)  # (m, n_l)
             Zs.append(Z)
-            A = act.forward(Z) if i < len(linears) - 1 else layers.sigmoid(Z)
-        loss = layers.bce_from_logits(Zs[-1], Y) + layers.l2_penalty([l.weight for l in linears], self.l2)
+            A = act.forward(Z) if i < len(linears) - 1 else head.forward(Z)
+        loss = head.loss(Zs[-1], Y, weight) + layers.l2_penalty([l.weight for l in linears], self.l2)
 
-        # backward: the output's sigmoid + cross-entropy give dZ = A − Y; then each layer down
+        # backward: the output's sigmoid (softmax) + cross-entropy give dZ = A − Y; then each layer down
         grads: dict[str, Tensor] = {}
-        dZ = layers.bce_backward(A, Y)  # (m, 1)
+        dZ = layers.weight_backward(head.backward(A, Y), weight)  # (m, k), scaled by wᵢ·m/Σw when weighted
         for i in reversed(range(len(linears))):
             layer = linears[i]
             dW, db = layers.linear_backward(dZ, A_prevs[i])  # (n_l, n_{l-1}), (n_l,)
@@ -112,26 +129,33 @@ class HandBackprop(nn.Module):
                 dZ = act.backward(dA_prev, Zs[i - 1], A_prevs[i])  # A_prevs[i] = g(Z_{i-1})
         return BackwardPass(loss, {name: grads[name] for name in self._parameter_names}, Zs)
 
-    def gradients(self, X: Tensor, Y: Tensor) -> dict[str, Tensor]:
-        """Hand-written gradients of the mean binary cross-entropy (plus L2).
+    def gradients(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """Hand-written gradients of the mean cross-entropy (plus L2).
 
         Parameters
         ----------
         X : Tensor, shape (m, n_features)
-        Y : Tensor, shape (m, 1)
+        Y : Tensor, shape (m, 1) or (m, k)
+        weight : Tensor, shape (m, 1), optional
 
         Returns
         -------
         dict of str to Tensor
             Keyed exactly like :meth:`named_parameters`, each gradient shaped like its parameter.
         """
-        return self.forward_backward(X, Y).gradients
+        return self.forward_backward(X, Y, weight).gradients
 
-    def loss(self, X: Tensor, Y: Tensor) -> Tensor:
-        """Mean binary cross-entropy plus the L2 penalty, shape ()."""
+    def loss(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy (weighted when ``weight`` is given) plus the L2 penalty, shape ()."""
         with torch.no_grad():
             penalty = layers.l2_penalty([layer.weight for layer in self.linears], self.l2)
-            return layers.bce_from_logits(self.logits(X), Y) + penalty
+            return layers.OUTPUTS[self.output].loss(self.logits(X), Y, weight) + penalty
+
+    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Hessian of :meth:`loss` with respect to every parameter, flattened in order; written by hand for
+        networks without hidden layers (:class:`SingleNeuron`, :class:`SoftmaxRegression`)."""
+        raise ValueError(f"{type(self).__name__} has no hand-written Hessian: Newton's method is for networks "
+                         "without hidden layers")
 
     @functools.cached_property
     def _names(self) -> list[str]:
@@ -146,7 +170,7 @@ class HandBackprop(nn.Module):
 
     # --- what the tracker records each update -------------------------------------------------------------
 
-    def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
+    def tracked_names(self, feature_names: Sequence[str], class_names: Sequence[str] = ()) -> list[str]:
         """Names of the values :meth:`tracked_values` returns: per layer, ``layer<l>/weight_norm``,
         ``layer<l>/grad_norm`` and, for ReLU hidden layers, ``layer<l>/dead_relu``."""
         names = []
@@ -204,7 +228,36 @@ class HandBackprop(nn.Module):
                 raise ValueError(f"init must be one of zeros, normal, xavier, he; got {init!r}")
 
 
-class SingleNeuron(HandBackprop):
+class LinearModel(HandBackprop):
+    """A network of one ``nn.Linear`` layer, ``self.linear``, and its output head: the generalised linear models.
+
+    What they share: a Hessian written by hand (so :class:`neuron_torch.optim.Newton` applies) and a tracked
+    row of every weight and bias per update.
+    """
+
+    linear: nn.Linear
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [self.linear]
+
+    def snapshot(self, loss: Tensor, gradients: dict[str, Tensor], bp: BackwardPass) -> Tensor:
+        # one copy per update, (loss, b, W, db, dW) of shape (2·k·(n + 1) + 1,); the norms wait for tracked_rows,
+        # which takes them for a whole training step at once
+        name = self._names[0]
+        return torch.cat([loss.view(1), self.linear.bias, self.linear.weight.view(-1), gradients[name + "bias"],
+                          gradients[name + "weight"].view(-1)])
+
+    def tracked_rows(self, snapshots: Tensor) -> Tensor:
+        size = self.linear.weight.numel() + self.linear.bias.numel()
+        loss, values, grads = snapshots[:, :1], snapshots[:, 1:size + 1], snapshots[:, size + 1:]
+        return torch.cat([loss, torch.linalg.vector_norm(grads, dim=1, keepdim=True), values], dim=1)
+
+    def tracked_values(self, bp: BackwardPass) -> Tensor:
+        return torch.cat([self.linear.bias, self.linear.weight.view(-1)])  # (k + k·n,)
+
+
+class SingleNeuron(LinearModel):
     """Logistic regression as one sigmoid neuron: ``A = σ(X·wᵀ + b)``.
 
     Parameters
@@ -221,9 +274,10 @@ class SingleNeuron(HandBackprop):
         On CPU, take the loss and gradients in one pass over ``X`` (:mod:`neuron_torch.fused`, a small C kernel
         compiled on first use) instead of the reference path's two (``Z = X·wᵀ + b``, then ``dZᵀ·X``). The
         numbers are the same to the dtype's rounding. It applies to float32/float64 ``X`` whose rows are
-        contiguous, with ``Y`` of shape (m, 1) and the same dtype; anything else (CUDA, float16, a transposed
-        ``X``), a missing C compiler, or the environment variable ``NEURON_TORCH_FUSED=0`` takes the reference
-        path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored (that is the point).
+        contiguous, with ``Y`` of shape (m, 1) and the same dtype, and no sample weights; anything else (CUDA,
+        float16, a transposed ``X``), a missing C compiler, or the environment variable ``NEURON_TORCH_FUSED=0``
+        takes the reference path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored
+        (that is the point).
 
     Examples
     --------
@@ -237,16 +291,12 @@ class SingleNeuron(HandBackprop):
 
     def __init__(self, n_features: int, init: Init = "zeros", l2: float = 0.0,
                  generator: torch.Generator | None = None, fused: bool = True):
-        super().__init__(activation="sigmoid", l2=l2)
+        super().__init__(activation="sigmoid", l2=l2, output="sigmoid")
         self.linear = nn.Linear(n_features, 1)
         self.fused = bool(fused)
         self.reset_parameters(init, generator)
 
-    @property
-    def linears(self) -> list[nn.Linear]:
-        return [self.linear]
-
-    def forward_backward(self, X: Tensor, Y: Tensor) -> BackwardPass:
+    def forward_backward(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> BackwardPass:
         """Loss and hand-written gradients, in one pass over ``X`` where the fused path applies.
 
         Parameters
@@ -254,6 +304,8 @@ class SingleNeuron(HandBackprop):
         X : Tensor, shape (m, n_features)
         Y : Tensor, shape (m, 1)
             Labels in {0, 1}, same dtype as ``X``.
+        weight : Tensor, shape (m, 1), optional
+            Sample weights (the reference path).
 
         Returns
         -------
@@ -262,9 +314,9 @@ class SingleNeuron(HandBackprop):
         """
         linear = self.linear
         w = linear.weight
-        out = fused_pass.neuron_pass(X, Y, w, linear.bias) if self.fused else None
+        out = fused_pass.neuron_pass(X, Y, w, linear.bias) if self.fused and weight is None else None
         if out is None:
-            return super().forward_backward(X, Y)
+            return super().forward_backward(X, Y, weight)
         loss, dw, db = out  # (), (1, n), (1,): the mean cross-entropy and its gradients, no penalty yet
         if self.l2:  # the same penalty and gradient as the reference path (adding 0 would only cost time)
             with torch.no_grad():
@@ -273,28 +325,61 @@ class SingleNeuron(HandBackprop):
         name = self._names[0]
         return BackwardPass(loss, {name + "weight": dw, name + "bias": db}, [])
 
-    def tracked_names(self, feature_names: Sequence[str]) -> list[str]:
+    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The ``(w, b)`` Hessian of :meth:`loss`, L2 included, shape (n + 1, n + 1)."""
+        with torch.no_grad():
+            H = layers.bce_hessian(X, self.linear.weight, self.linear.bias, weight)
+            return layers.l2_hessian(H, self.l2)
+
+    def tracked_names(self, feature_names: Sequence[str], class_names: Sequence[str] = ()) -> list[str]:
         """``b`` then one ``w/<feature name>`` per weight."""
         return ["b"] + [f"w/{name}" for name in feature_names]
 
-    def tracked_values(self, bp: BackwardPass) -> Tensor:
-        return torch.cat([self.linear.bias, self.linear.weight[0]])  # (1 + n,)
 
-    def snapshot(self, loss: Tensor, gradients: dict[str, Tensor], bp: BackwardPass) -> Tensor:
-        # one copy per update, (loss, b, w, db, dw) of shape (2n + 3,); the norms wait for tracked_rows, which
-        # takes them for a whole training step at once
-        name = self._names[0]
-        return torch.cat([loss.view(1), self.linear.bias, self.linear.weight.view(-1), gradients[name + "bias"],
-                          gradients[name + "weight"].view(-1)])
+class SoftmaxRegression(LinearModel):
+    """Multinomial logistic regression: ``A = softmax(X·Wᵀ + b)`` over k classes, the single neuron's k-class
+    form (same ``dZ = A − Y``, one-hot ``Y``).
 
-    def tracked_rows(self, snapshots: Tensor) -> Tensor:
-        n = self.linear.in_features
-        loss, values, grads = snapshots[:, :1], snapshots[:, 1:n + 2], snapshots[:, n + 2:]
-        return torch.cat([loss, torch.linalg.vector_norm(grads, dim=1, keepdim=True), values], dim=1)
+    Parameters
+    ----------
+    n_features : int
+        Number of input features ``n``.
+    n_classes : int
+        Number of classes ``k`` (at least 3; two classes are the :class:`SingleNeuron`). ``self.linear`` is
+        ``nn.Linear(n, k)``.
+    init : {"zeros", "normal", "xavier", "he"}
+        Weight initialisation; zeros is safe here too (the softmax gradient differs per class).
+    l2 : float
+        L2 penalty ``(λ/2)·‖W‖²``.
+    generator : torch.Generator, optional
+        Source of randomness for the random initialisations.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, init: Init = "zeros", l2: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__(activation="sigmoid", l2=l2, output="softmax")
+        if n_classes < 3:
+            raise ValueError(f"n_classes must be >= 3 (two classes are a SingleNeuron), got {n_classes}")
+        self.linear = nn.Linear(n_features, n_classes)
+        self.reset_parameters(init, generator)
+
+    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The ``(W, b)`` Hessian of :meth:`loss`, L2 included, made invertible along the shifts that change no
+        prediction (:func:`neuron_torch.layers.softmax_gauge`), shape (k·(n + 1), k·(n + 1))."""
+        k, n = self.linear.weight.shape
+        with torch.no_grad():
+            H = layers.softmax_hessian(X, self.linear.weight, self.linear.bias, weight)
+            return layers.softmax_gauge(layers.l2_hessian(H, self.l2, n_biases=k), k, n, weights_flat=not self.l2)
+
+    def tracked_names(self, feature_names: Sequence[str], class_names: Sequence[str] = ()) -> list[str]:
+        """``b/<class>`` per class, then ``w/<class>/<feature>`` class by class."""
+        classes = list(class_names) or [str(c) for c in range(self.n_outputs)]
+        return [f"b/{c}" for c in classes] + [f"w/{c}/{name}" for c in classes for name in feature_names]
 
 
 class DeepNetwork(HandBackprop):
-    """An L-layer network: hidden ``nn.Linear`` layers with activation ``g``, then one sigmoid output unit.
+    """An L-layer network: hidden ``nn.Linear`` layers with activation ``g``, then one sigmoid output unit
+    (two classes) or k softmax units (k classes).
 
     Parameters
     ----------
@@ -311,12 +396,17 @@ class DeepNetwork(HandBackprop):
         L2 penalty ``(λ/2)·Σ‖W‖²`` over all weight matrices.
     generator : torch.Generator, optional
         Source of randomness for the initialisation.
+    n_outputs : int
+        1 for two classes (a sigmoid unit), k for k > 2 classes (a softmax layer).
     """
 
     def __init__(self, n_features: int, hidden_sizes: Sequence[int] = (), activation: ActivationName = "relu",
-                 init: Init = "he", l2: float = 0.0, generator: torch.Generator | None = None):
-        super().__init__(activation=activation, l2=l2)
-        sizes = [n_features, *hidden_sizes, 1]
+                 init: Init = "he", l2: float = 0.0, generator: torch.Generator | None = None,
+                 n_outputs: int = 1):
+        super().__init__(activation=activation, l2=l2, output="sigmoid" if n_outputs == 1 else "softmax")
+        if n_outputs == 2:
+            raise ValueError("two classes take one sigmoid output unit: n_outputs=1")
+        sizes = [n_features, *hidden_sizes, n_outputs]
         if any(int(s) < 1 for s in sizes):
             raise ValueError(f"layer sizes must be >= 1, got {sizes}")
         if init == "zeros" and hidden_sizes:
@@ -328,3 +418,21 @@ class DeepNetwork(HandBackprop):
     @property
     def linears(self) -> nn.ModuleList:
         return self.layers
+
+
+def build_network(n_features: int, n_classes: int = 2, hidden_sizes: Sequence[int] = (),
+                  activation: ActivationName = "relu", init: Init | None = None, l2: float = 0.0,
+                  generator: torch.Generator | None = None, fused: bool = True) -> HandBackprop:
+    """The network for ``n_classes`` classes: a :class:`SingleNeuron` (2), a :class:`SoftmaxRegression`
+    (k > 2), or with hidden layers a :class:`DeepNetwork` with the matching output.
+
+    ``init`` defaults to zeros without hidden layers (the classic recipe) and He with them.
+    """
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+    if hidden_sizes:
+        return DeepNetwork(n_features, hidden_sizes, activation, init or "he", l2, generator,
+                           n_outputs=1 if n_classes == 2 else n_classes)
+    if n_classes == 2:
+        return SingleNeuron(n_features, init or "zeros", l2, generator, fused=fused)
+    return SoftmaxRegression(n_features, n_classes, init or "zeros", l2, generator)
