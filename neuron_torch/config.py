@@ -121,6 +121,7 @@ class NeuronCLI(LightningCLI):
                                  "state, step and batch order); the new run is tagged resumed_from.")
         # the model's size comes from the table: reading it here checks the data before any run exists
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # a bar of updates in a terminal, one line per validation in a log or a pipe; a config's own bar wins

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -13,22 +13,28 @@ import torch
 from torch import Tensor
 
 # DataError lives with the table reading that prediction shares; it is imported from here too
-from neuron_torch.tables import DataError, feature_matrix, listing, read_frame, refuse_nested  # noqa: F401
+from neuron_torch.tables import (DataError, feature_matrix, listing, numeric_column, read_frame,  # noqa: F401
+                                 refuse_nested)
 
 log = logging.getLogger("neuron_torch")
 
-Dataset = Literal["breast_cancer", "synthetic", "moons", "circles", "xor"]
+Dataset = Literal["breast_cancer", "iris", "wine", "synthetic", "moons", "circles", "xor"]
 
 
 @dataclass
 class Table:
-    """Features and binary labels, before any split."""
+    """Features and class labels, before any split."""
 
     X: np.ndarray  # (m, n) float64
-    y: np.ndarray  # (m,) float64 in {0, 1}
+    y: np.ndarray  # (m,) float64 class index: in {0, 1} for two classes, {0, …, k − 1} for k
     feature_names: list[str]
     source: str  # where the rows came from, for messages and the run's tags
-    classes: tuple[str, str] = ("0", "1")  # the label values mapped to 0 and to 1
+    classes: tuple[str, ...] = ("0", "1")  # the label value of each class index
+    weight: Optional[np.ndarray] = None  # (m,) non-negative sample weights, or None
+
+# A label column with more distinct values than this, or with fewer than two rows per value on average, is not
+# a class label (a measurement, an id): it is refused rather than trained as that many classes.
+MAX_CLASSES = 1000
 
 
 # --- sources -------------------------------------------------------------------------------------------------
@@ -42,6 +48,16 @@ def breast_cancer() -> Table:
     names = [str(name) for name in bunch.feature_names]  # plain str: checkpoints load with weights_only
     return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), names,
                  "breast_cancer", tuple(str(name) for name in bunch.target_names))
+
+
+def bundled(name: str) -> Table:
+    """scikit-learn's three-class tables: ``iris`` (150 × 4) and ``wine`` (178 × 13)."""
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")()
+    names = [str(n) for n in bunch.feature_names]
+    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), names, name,
+                 tuple(str(c) for c in bunch.target_names))
 
 
 def generated(dataset: str, n_samples: int, n_features: int, noise: float, seed: int) -> Table:
@@ -68,20 +84,23 @@ def generated(dataset: str, n_samples: int, n_features: int, noise: float, seed:
 
 
 def read_table(path: str, target: Optional[str], positive_label: Optional[str] = None,
-               features: Optional[list[str]] = None) -> Table:
-    """Read a CSV or Parquet file into features and 0/1 labels, rejecting what cannot be trained on.
+               features: Optional[list[str]] = None, weight_column: Optional[str] = None) -> Table:
+    """Read a CSV or Parquet file into features and class labels, rejecting what cannot be trained on.
 
     Parameters
     ----------
     path : str
         A ``.csv`` (or ``.tsv``/``.txt``) or ``.parquet``/``.pq`` file with a header row.
     target : str
-        The label column; it must hold exactly two distinct values.
+        The label column: two distinct values (labels 0 and 1), or k > 2 (class indices 0 … k − 1 in sorted
+        order of the values).
     positive_label : str, optional
-        Which label value becomes 1. Default: 1 for 0/1 labels, True for booleans, otherwise the larger
+        For two values, which becomes 1. Default: 1 for 0/1 labels, True for booleans, otherwise the larger
         value in sorted order.
     features : list of str, optional
-        Feature columns to use; default every column but ``target``.
+        Feature columns to use; default every column but ``target`` and ``weight_column``.
+    weight_column : str, optional
+        A column of non-negative sample weights (never a feature).
 
     Raises
     ------
@@ -93,8 +112,13 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
     frame = read_frame(path)
     if target not in frame.columns:
         raise DataError(f"{path}: no column {target!r} (columns: {listing(frame.columns)})")
+    if weight_column is not None and weight_column not in frame.columns:
+        raise DataError(f"{path}: no column {weight_column!r} for data.weight_column "
+                        f"(columns: {listing(frame.columns)})")
+    if weight_column is not None and weight_column == target:
+        raise DataError(f"{path}: column {target!r} is the target and cannot also be the weight column")
     if features is None:
-        features = [c for c in frame.columns if c != target]
+        features = [c for c in frame.columns if c not in (target, weight_column)]
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: no column {missing[0]!r} (columns: {listing(frame.columns)})")
@@ -103,15 +127,31 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
         raise DataError(f"{path}: data.features names column {repeated[0]!r} more than once")
     if target in features:
         raise DataError(f"{path}: column {target!r} is the target and cannot also be a feature")
+    if weight_column is not None and weight_column in features:
+        raise DataError(f"{path}: column {weight_column!r} holds the sample weights and cannot also be a feature")
     if not features:
         raise DataError(f"{path}: no feature columns besides the target {target!r}")
 
     X = feature_matrix(frame, features, path)  # the same checks as prediction applies
-    y, classes = _binary_labels(frame[target], path, target, positive_label)
-    return Table(X, y, list(features), str(path), classes)
+    y, classes = _labels(frame[target], path, target, positive_label)
+    weight = None if weight_column is None else _sample_weights(frame[weight_column], path, weight_column)
+    return Table(X, y, list(features), str(path), classes, weight)
 
 
-def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) -> tuple[np.ndarray, tuple]:
+def _sample_weights(column, path: str, name: str) -> np.ndarray:
+    """A weight column as float64 (m,): finite numbers (as features are checked), none negative, not all 0."""
+    weight = numeric_column(column, path, name)
+    negative = np.flatnonzero(weight < 0)
+    if negative.size:
+        raise DataError(f"{path}: column {name!r}, row {negative[0] + 1}: sample weight {weight[negative[0]]:g} "
+                        "is negative")
+    if not weight.any():
+        raise DataError(f"{path}: column {name!r}: every sample weight is 0")
+    return weight
+
+
+def _labels(column, path: str, name: str, positive_label: Optional[str]) -> tuple[np.ndarray, tuple]:
+    """Class indices (m,) and the label value of each index: 0/1 for two values, sorted order for k > 2."""
     import pandas as pd
 
     refuse_nested(column, path, name)
@@ -121,9 +161,19 @@ def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) 
     values = list(pd.unique(column))
     numeric = all(isinstance(v, (int, float, np.integer, np.floating, bool, np.bool_)) for v in values)
     values.sort(key=float if numeric else str)
-    if len(values) != 2:
+    if len(values) < 2:
         raise DataError(f"{path}: column {name!r} has {len(values)} distinct label value"
-                        f"{'s' if len(values) != 1 else ''} ({listing(values)}); exactly 2 are needed")
+                        f"{'s' if len(values) != 1 else ''} ({listing(values)}); at least 2 are needed")
+    if len(values) > 2:
+        if len(values) > MAX_CLASSES or len(values) > len(column) / 2:
+            raise DataError(f"{path}: column {name!r} has {len(values)} distinct values in {len(column)} rows: "
+                            "that is not a class label (set --data.target to the label column)")
+        if positive_label is not None:
+            raise DataError(f"{path}: data.positive_label is for a two-class label; column {name!r} has "
+                            f"{len(values)} classes ({listing(values)})")
+        index = {value: i for i, value in enumerate(values)}
+        y = column.map(index).to_numpy(dtype=np.float64)
+        return y, tuple(str(v) for v in values)
     if positive_label is None:
         positive = values[1]  # 1 of 0/1, True of booleans, the larger value otherwise
     else:
@@ -136,6 +186,50 @@ def _binary_labels(column, path: str, name: str, positive_label: Optional[str]) 
     negative = values[0] if positive is values[1] or positive == values[1] else values[1]
     y = (column == positive).to_numpy(dtype=np.float64)
     return y, (str(negative), str(positive))
+
+
+def class_weights(class_weight, classes: Sequence[str], y: np.ndarray,
+                  sample_weight: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """The weight of each class, with scikit-learn's meaning of ``class_weight``.
+
+    Parameters
+    ----------
+    class_weight : None, "balanced" or dict of str to float
+        ``balanced`` gives class c the weight ``Σw / (k·Σ_{y=c} w)`` (``m / (k·m_c)`` unweighted); a mapping
+        gives the listed labels their weight and the others 1.
+    classes : sequence of str, length k
+        The label of each class index.
+    y : ndarray, shape (m,)
+        Class indices of the rows the weights are fitted on (the training split).
+    sample_weight : ndarray, shape (m,), optional
+
+    Returns
+    -------
+    ndarray, shape (k,), or None when ``class_weight`` is None
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise DataError(f"model.class_weight must be 'balanced' or a mapping label: weight, got {class_weight!r}")
+        index = np.arange(len(classes))
+        present = np.isin(index, y.astype(np.int64))
+        if not present.all():
+            raise DataError(f"model.class_weight balanced: class {classes[int(np.argmin(present))]!r} has no "
+                            "training rows")
+        return compute_class_weight("balanced", classes=index, y=y.astype(np.int64), sample_weight=sample_weight)
+    unknown = [label for label in class_weight if str(label) not in classes]
+    if unknown:
+        raise DataError(f"model.class_weight names label {unknown[0]!r}, which is not a class "
+                        f"({listing(classes)})")
+    weights = np.ones(len(classes))
+    for label, value in class_weight.items():
+        if not (np.isfinite(float(value)) and float(value) >= 0):
+            raise DataError(f"model.class_weight for label {label!r} must be a number >= 0, got {value!r}")
+        weights[list(classes).index(str(label))] = float(value)
+    return weights
 
 
 def _as_float(text) -> float | None:
@@ -161,7 +255,8 @@ class BatchGroup:
 class BatchStream:
     """An endless stream of training batches cut from tensors that already sit on the device.
 
-    Full-batch gradient descent yields the same ``(X, Y)`` every step: nothing is copied or collated. With a
+    A batch is ``(X, Y)``, or ``(X, Y, W)`` with sample weights ``W`` (m, 1). Full-batch gradient descent yields
+    the same batch every step: nothing is copied or collated. With a
     ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
     is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The
     stream is one long epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the
@@ -171,8 +266,9 @@ class BatchStream:
     """
 
     def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0,
-                 group: int = 1):
+                 group: int = 1, weight: Optional[Tensor] = None):
         self.X, self.Y, self.seed, self.group = X, Y, seed, group
+        self.tensors = (X, Y) if weight is None else (X, Y, weight)
         m = X.shape[0]
         self.batch_size = m if batch_size is None or batch_size >= m else batch_size
         self.batches_per_pass = math.ceil(m / self.batch_size)
@@ -181,7 +277,7 @@ class BatchStream:
     def __iter__(self) -> Iterator:
         if self.batch_size == self.X.shape[0]:
             while True:
-                yield self.X, self.Y
+                yield self.tensors
         batches = self._batches()
         while True:
             yield BatchGroup([next(batches) for _ in range(self.group)])
@@ -193,7 +289,7 @@ class BatchStream:
             for k in range(start, self.batches_per_pass):
                 rows = order[k * self.batch_size:(k + 1) * self.batch_size]
                 self.position += 1
-                yield self.X[rows], self.Y[rows]
+                yield tuple(t[rows] for t in self.tensors)
 
     def _permutation(self, n_pass: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n_pass)
@@ -201,12 +297,12 @@ class BatchStream:
 
 
 class SingleBatch:
-    """A loader of exactly one batch (a whole split), for validation and test."""
+    """A loader of exactly one batch (a whole split, ``(X, Y)`` or ``(X, Y, W)``), for validation and test."""
 
-    def __init__(self, X: Tensor, Y: Tensor):
-        self.batch = (X, Y)
+    def __init__(self, batch: tuple[Tensor, ...]):
+        self.batch = batch
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         yield self.batch
 
     def __len__(self) -> int:
@@ -217,7 +313,7 @@ class SingleBatch:
 
 
 class NeuronDataModule(L.LightningDataModule):
-    """Binary-classification data for the hand-written networks.
+    """Classification data for the hand-written networks: two classes or k.
 
     The table is read, checked, split and standardised once, when first needed (the model's
     ``feature_names`` is linked to it, so that happens before any run is created); the splits are moved to
@@ -225,22 +321,27 @@ class NeuronDataModule(L.LightningDataModule):
 
     Parameters
     ----------
-    dataset : {"breast_cancer", "synthetic", "moons", "circles", "xor"}
-        Built-in table, used when ``path`` is not given.
+    dataset : {"breast_cancer", "iris", "wine", "synthetic", "moons", "circles", "xor"}
+        Built-in table, used when ``path`` is not given (iris and wine have three classes).
     path : str, optional
         A CSV or Parquet file; feature names are its column names.
     target : str, optional
-        The label column of ``path`` (exactly two distinct values).
+        The label column of ``path``: two distinct values, or k > 2 classes (multinomial regression).
     positive_label : str, optional
-        The label value mapped to 1; default 1 for 0/1 labels, else the larger value in sorted order.
+        For two classes, the label value mapped to 1; default 1 for 0/1 labels, else the larger value in
+        sorted order.
     features : list of str, optional
-        The feature columns of ``path``; default all but ``target``.
+        The feature columns of ``path``; default all but ``target`` and ``weight_column``.
+    weight_column : str, optional
+        A column of ``path`` holding non-negative sample weights: the loss and its gradients become weighted
+        means (a weight of 2 counts a row twice).
     n_samples, n_features : int
         Size of the generated tables (``moons``, ``circles`` and ``xor`` have 2 features).
     noise : float
         Noise of ``moons``, ``circles`` and ``xor``.
     val_fraction, test_fraction : float
-        Shares of the rows held out, drawn by a seeded permutation.
+        Shares of the rows held out, drawn by a seeded permutation. 0 holds none out: validation (test)
+        metrics are then taken on the training rows.
     seed : int
         Seed of the generated tables, the split and the mini-batch order.
     standardize : bool
@@ -251,14 +352,17 @@ class NeuronDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: Dataset = "breast_cancer", path: Optional[str] = None,
                  target: Optional[str] = None, positive_label: Optional[str] = None,
-                 features: Optional[list[str]] = None, n_samples: int = 1000, n_features: int = 20,
+                 features: Optional[list[str]] = None, weight_column: Optional[str] = None,
+                 n_samples: int = 1000, n_features: int = 20,
                  noise: float = 0.2, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
                  standardize: bool = True, batch_size: Optional[int] = None):
         super().__init__()
         self.save_hyperparameters()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < frac < 1:
-                raise DataError(f"data.{name} must be between 0 and 1, got {frac}")
+            if not 0 <= frac < 1:
+                raise DataError(f"data.{name} must be in [0, 1), got {frac}")
+        if weight_column is not None and path is None:
+            raise DataError("data.weight_column names a column of data.path; the built-in tables have no weights")
         if val_fraction + test_fraction >= 1:
             raise DataError("data.val_fraction + data.test_fraction must be < 1: nothing is left to train on")
         if batch_size is not None and batch_size < 1:
@@ -271,12 +375,14 @@ class NeuronDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if hp.path is not None:
-            table = read_table(hp.path, hp.target, hp.positive_label, hp.features)
+            table = read_table(hp.path, hp.target, hp.positive_label, hp.features, hp.weight_column)
         elif hp.dataset == "breast_cancer":
             table = breast_cancer()
+        elif hp.dataset in ("iris", "wine"):
+            table = bundled(hp.dataset)
         else:
             table = generated(hp.dataset, hp.n_samples, hp.n_features, hp.noise, hp.seed)
-        self.table_source, self.classes = table.source, table.classes
+        self.table_source, self._classes = table.source, table.classes
         self._feature_names = table.feature_names
 
         m = len(table.y)
@@ -299,16 +405,37 @@ class NeuronDataModule(L.LightningDataModule):
             raise DataError(f"{table.source}: column {table.feature_names[constant[0]]!r} is constant on the "
                             "training split and cannot be standardised; drop it (data.features) or set "
                             "data.standardize false")
+        self._labels = {name: table.y[rows] for name, rows in parts.items()}  # class indices, (m_split,)
         self._splits = {
-            name: (torch.from_numpy((table.X[rows] - self.mean) / self.std),
-                   torch.from_numpy(table.y[rows]).unsqueeze(1))
+            name: (torch.from_numpy((table.X[rows] - self.mean) / self.std), self._targets(table.y[rows]))
             for name, rows in parts.items()
         }
-        log.info("data: %s, %d features; train/val/test %d/%d/%d rows; label 1 = %r, 0 = %r%s",
-                 table.source, len(self._feature_names), len(parts["train"]), n_val, n_test,
-                 table.classes[1], table.classes[0],
-                 f" (--data.positive_label {table.classes[0]} would make {table.classes[0]!r} label 1)"
-                 if hp.path else "")
+        self._weights = {name: None if table.weight is None else torch.from_numpy(table.weight[rows]).unsqueeze(1)
+                         for name, rows in parts.items()}
+        if table.weight is not None and not table.weight[parts["train"]].any():
+            raise DataError(f"{table.source}: column {hp.weight_column!r}: every training row has weight 0")
+        if len(table.classes) == 2:
+            labels = (f"label 1 = {table.classes[1]!r}, 0 = {table.classes[0]!r}"
+                      + (f" (--data.positive_label {table.classes[0]} would make {table.classes[0]!r} label 1)"
+                         if hp.path else ""))
+        else:
+            labels = f"{len(table.classes)} classes ({listing(table.classes)})"
+        log.info("data: %s, %d features; train/val/test %d/%d/%d rows%s; %s", table.source,
+                 len(self._feature_names), len(parts["train"]), n_val, n_test,
+                 "" if n_val and n_test else " (metrics without a hold-out are on the training rows)", labels)
+
+    def _targets(self, y: np.ndarray) -> Tensor:
+        """The network's labels for class indices ``y`` (m,): (m, 1) in {0, 1} for two classes, one-hot (m, k)."""
+        y = torch.from_numpy(y)
+        if len(self._classes) == 2:
+            return y.unsqueeze(1)
+        return torch.nn.functional.one_hot(y.long(), len(self._classes)).to(torch.float64)
+
+    @property
+    def classes(self) -> list[str]:
+        """The label value of each class index (two for binary data: label 0, label 1); reads the table."""
+        self.prepare()
+        return list(self._classes)
 
     @property
     def feature_names(self) -> list[str]:
@@ -317,36 +444,61 @@ class NeuronDataModule(L.LightningDataModule):
         return list(self._feature_names)
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """The standardised ``(X, Y)`` of split ``name`` ("train", "val" or "test"), float64 on the CPU."""
+        """The standardised ``(X, Y)`` of split ``name`` ("train", "val" or "test"), float64 on the CPU.
+
+        ``Y`` is (m, 1) in {0, 1} for two classes, one-hot (m, k) for k. A split with no rows (its fraction
+        is 0) is the training split: metrics without a hold-out are taken on the rows trained on.
+        """
         self.prepare()
-        return self._splits[name]
+        return self._splits[self.evaluated_on(name)]
+
+    def weights(self, name: str) -> Optional[Tensor]:
+        """The sample weights (m, 1) of split ``name`` (``data.weight_column``), or None without one."""
+        self.prepare()
+        return self._weights[self.evaluated_on(name)]
+
+    def evaluated_on(self, name: str) -> str:
+        """The split whose rows stand for ``name``: itself, or "train" when ``name`` holds no rows."""
+        self.prepare()
+        return name if len(self._labels[name]) else "train"
+
+    def labels(self, name: str) -> np.ndarray:
+        """The class index of each row of split ``name``, shape (m,)."""
+        self.prepare()
+        return self._labels[self.evaluated_on(name)]
 
     def raw_split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Split ``name`` as raw features ``X`` (m, n) and labels ``y`` (m,), with the scaling undone."""
-        X, Y = self.split(name)
-        return X.numpy() * self.std + self.mean, Y.numpy()[:, 0]
+        """Split ``name`` as raw features ``X`` (m, n) and class indices ``y`` (m,), with the scaling undone."""
+        X, _ = self.split(name)
+        return X.numpy() * self.std + self.mean, self._labels[self.evaluated_on(name)]
 
     def setup(self, stage: str) -> None:
         self.prepare()
 
-    def _placed(self, name: str) -> tuple[Tensor, Tensor]:
-        """Split ``name`` in the model's dtype, on the model's device (moved once, not per step)."""
-        param = next(self.trainer.lightning_module.parameters())
+    def _placed(self, name: str) -> tuple[Tensor, ...]:
+        """Split ``name`` as ``(X, Y)``, or ``(X, Y, W)`` with row weights, in the model's dtype and on its device
+        (moved once, not per step). ``W`` is the sample weight times the model's class weight."""
+        module = self.trainer.lightning_module
+        param = next(module.parameters())
         X, Y = self.split(name)
-        return X.to(param.device, param.dtype), Y.to(param.device, param.dtype)
+        W = self.weights(name)
+        if hasattr(module, "row_weights"):
+            W = module.row_weights(torch.from_numpy(self._labels[self.evaluated_on(name)]), W)
+        return tuple(t.to(param.device, param.dtype) for t in (X, Y) + ((W,) if W is not None else ()))
 
     def train_dataloader(self) -> BatchStream:
-        X, Y = self._placed("train")
+        tensors = self._placed("train")
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
-            X, Y = X[rank::world], Y[rank::world]
+            tensors = tuple(t[rank::world] for t in tensors)
         # one batch per update: a run resumed at update k starts at batch k
-        return BatchStream(X, Y, batch_size=self.hparams.batch_size, seed=self.hparams.seed,
+        return BatchStream(*tensors[:2], weight=tensors[2] if len(tensors) > 2 else None,
+                           batch_size=self.hparams.batch_size, seed=self.hparams.seed,
                            position=self.trainer.global_step,
                            group=getattr(self.trainer.lightning_module, "updates_per_step", 1))
 
     def val_dataloader(self) -> SingleBatch:
-        return SingleBatch(*self._placed("val"))
+        return SingleBatch(self._placed("val"))
 
     def test_dataloader(self) -> SingleBatch:
-        return SingleBatch(*self._placed("test"))
+        return SingleBatch(self._placed("test"))

@@ -5,24 +5,31 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision,
-                                         BinaryRecall)
 
 from neuron_torch import layers
-from neuron_torch.data import BatchGroup
-from neuron_torch.networks import ActivationName, DeepNetwork, HandBackprop, Init, SingleNeuron
+from neuron_torch.data import BatchGroup, class_weights
+from neuron_torch.metrics import classification_metrics
+from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
 from neuron_torch.optim import StepFailed, make_update_rule
 from neuron_torch.stopping import GROWTH, LOSS_FLOOR, Stop
 
 log = logging.getLogger("neuron_torch")
 
+
+def _batch_weight(batch) -> Tensor | float:
+    """What a batch's mean is over: its row count, or its rows' total weight when it carries weights."""
+    return batch[2].sum() if len(batch) > 2 else float(batch[0].shape[0])
+
 UpdateRule = Literal["gd", "momentum", "nesterov", "adam", "newton"]
+# Newton solves with the (N × N) Hessian of all N parameters: 4,096 of them make a 128 MiB float64 matrix and
+# a Cholesky factorisation of ~2·10¹⁰ flops per update. Past that the other rules are the right tool.
+NEWTON_MAX_PARAMETERS = 4096
 
 
 def _copied(state: dict) -> dict:
@@ -45,8 +52,11 @@ class NeuronModule(L.LightningModule):
     ----------
     feature_names : list of str
         Input feature names (linked from the data); their number is ``n_features``.
+    classes : list of str, optional
+        The label of each class index (linked from the data). Two classes train one sigmoid output unit
+        (the single neuron); k > 2 a softmax layer of k units (multinomial logistic regression). Default: two.
     hidden_sizes : list of int
-        Hidden layer widths; empty trains the single neuron.
+        Hidden layer widths; empty trains the single neuron (or its softmax form).
     activation : {"relu", "tanh", "sigmoid", "leaky_relu"}
         Hidden activation (deep networks only).
     init : {"zeros", "normal", "xavier", "he"}, optional
@@ -56,9 +66,10 @@ class NeuronModule(L.LightningModule):
     learning_rate : float
         ``α``.
     update_rule : {"gd", "momentum", "nesterov", "adam", "newton"}
-        The hand-written update (see :mod:`neuron_torch.optim`). ``newton`` (single neuron only) also
-        computes the Hessian ``XᵀSX/m`` each update, one more pass over X; use ``learning_rate`` 1 for the
-        full Newton (IRLS) step.
+        The hand-written update (see :mod:`neuron_torch.optim`). ``newton`` (no hidden layers) also
+        computes the Hessian each update (``XᵀSX/m``, or its k-class form of k²·(n + 1)² entries), one more
+        pass over X; use ``learning_rate`` 1 for the full Newton (IRLS) step. Refused past
+        :data:`NEWTON_MAX_PARAMETERS` parameters.
     momentum : float
         ``μ`` of momentum and Nesterov.
     betas : tuple of float
@@ -86,15 +97,20 @@ class NeuronModule(L.LightningModule):
         What a training loss that grows past ``GROWTH`` (1000) times its start does: warn once, or stop the
         run there (FAILED). A non-finite loss, gradient, Hessian or parameter always stops the run, keeping
         the last finite state.
+    class_weight : "balanced" or dict of str to float, optional
+        Weights per class, with scikit-learn's meaning: each row's weight (its ``data.weight_column`` value,
+        else 1) is multiplied by its class's weight; ``balanced`` gives class c ``Σw / (k·Σ_{y=c} w)`` over
+        the training rows. The loss and every gradient are then weighted means.
     """
 
-    def __init__(self, feature_names: list[str], hidden_sizes: list[int] = [],
+    def __init__(self, feature_names: list[str], classes: Optional[list[str]] = None, hidden_sizes: list[int] = [],
                  activation: ActivationName = "relu", init: Optional[Init] = None, l2: float = 0.0,
                  learning_rate: float = 0.5, update_rule: UpdateRule = "gd", momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_schedule: Optional[Literal["step", "cosine"]] = None, lr_step_size: int = 1000,
                  lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1,
-                 fused: bool = True, divergence: Literal["warn", "stop"] = "warn"):
+                 fused: bool = True, divergence: Literal["warn", "stop"] = "warn",
+                 class_weight: Union[Literal["balanced"], dict[str, float], None] = None):
         super().__init__()
         if updates_per_step < 1:
             raise ValueError(f"model.updates_per_step must be >= 1, got {updates_per_step}")
@@ -102,19 +118,24 @@ class NeuronModule(L.LightningModule):
         self.updates_per_step = updates_per_step  # what runs now; the CLI may lower it to fit validation
         self.automatic_optimization = False
         self.feature_names = list(feature_names)
-        n = len(self.feature_names)
+        self.classes = [str(c) for c in classes] if classes is not None else ["0", "1"]
+        n, k = len(self.feature_names), len(self.classes)
         if update_rule == "newton" and hidden_sizes:
-            raise ValueError("model.update_rule newton is for the single neuron (its Hessian is written by "
-                             "hand); with hidden_sizes use gd, momentum, nesterov or adam")
-        if hidden_sizes:
-            self.net: HandBackprop = DeepNetwork(n, hidden_sizes, activation, init or "he", l2)
-        else:
-            self.net = SingleNeuron(n, init or "zeros", l2, fused=fused)
+            raise ValueError("model.update_rule newton is for networks without hidden layers (their Hessian is "
+                             "written by hand); with hidden_sizes use gd, momentum, nesterov or adam")
+        n_parameters = (n + 1) * (1 if k == 2 else k)
+        if update_rule == "newton" and n_parameters > NEWTON_MAX_PARAMETERS:
+            raise ValueError(f"model.update_rule newton needs a {n_parameters} × {n_parameters} Hessian "
+                             f"({n_parameters ** 2 * 8 / 2 ** 30:.1f} GiB in float64) for {n} features"
+                             f"{f' and {k} classes' if k > 2 else ''}; the limit is {NEWTON_MAX_PARAMETERS} "
+                             "parameters: use gd, nesterov or adam")
+        self.net: HandBackprop = build_network(n, k, hidden_sizes, activation, init, l2, fused=fused)
         # standardisation statistics of the training split, kept with the weights (set in setup)
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
-        metrics = MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
-                                    "recall": BinaryRecall(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
+        # each class's weight (model.class_weight), fitted on the training rows in setup; None: unweighted
+        self.class_weight: Optional[Tensor] = None
+        metrics = classification_metrics(k)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.tracked_rows: Optional[Tensor] = None  # per update of this step: loss, ‖∇‖, tracked values
@@ -130,7 +151,7 @@ class NeuronModule(L.LightningModule):
 
     def tracked_names(self) -> list[str]:
         """Names of :attr:`tracked_rows`' columns: ``train/loss``, ``train/grad_norm``, then the network's."""
-        return ["train/loss", "train/grad_norm", *self.net.tracked_names(self.feature_names)]
+        return ["train/loss", "train/grad_norm", *self.net.tracked_names(self.feature_names, self.classes)]
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
 
@@ -143,6 +164,29 @@ class NeuronModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "mean"):
             self.feature_mean.copy_(torch.as_tensor(datamodule.mean))
             self.feature_std.copy_(torch.as_tensor(datamodule.std))
+        if datamodule is not None and self.hparams.class_weight is not None and hasattr(datamodule, "weights"):
+            y, w = datamodule.labels("train"), datamodule.weights("train")
+            fitted = class_weights(self.hparams.class_weight, self.classes, y, None if w is None else w[:, 0].numpy())
+            self.class_weight = torch.as_tensor(fitted, dtype=torch.float64)
+
+    def row_weights(self, y: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+        """Each row's weight in the loss: its sample weight (or 1) times its class's weight.
+
+        Parameters
+        ----------
+        y : Tensor, shape (m,)
+            Class indices.
+        weight : Tensor, shape (m, 1), optional
+            Sample weights.
+
+        Returns
+        -------
+        Tensor, shape (m, 1), or None when neither weight applies (the plain mean)
+        """
+        if self.class_weight is None:
+            return weight
+        per_class = self.class_weight[y.long()].unsqueeze(1)  # (m, 1)
+        return per_class if weight is None else weight * per_class
 
     def on_train_start(self) -> None:
         # Lightning validates (val_check_interval) by counting training steps. A run resumed from a checkpoint
@@ -174,12 +218,12 @@ class NeuronModule(L.LightningModule):
         start = self._state(optimizer, schedule)  # what a failed check rolls back to
         snapshots, flags, failed = [], [], None
         distributed = self.trainer.world_size > 1
-        for X, Y in batches[:n_updates]:
+        for batch in batches[:n_updates]:
             if not distributed and self._signalled():  # a Python flag: no host sync
                 self.stop = Stop("interrupted", signum=self.stop_signals.signum)
                 break
             try:
-                snapshot, converged, flag = self._update(X, Y, parameters, optimizer, schedule)
+                snapshot, converged, flag = self._update(batch, parameters, optimizer, schedule)
             except StepFailed as err:  # Newton: no step can be computed from this state
                 failed = str(err)
                 break
@@ -194,16 +238,16 @@ class NeuronModule(L.LightningModule):
         if self.stop is None and (self.global_step >= self.trainer.max_steps or self.trainer.should_stop):
             # the last update's result as one more row (step = global_step), so the per-update values end
             # where training ended, not at the state the last update started from
-            X, Y = batches[max(len(self.tracked_rows), 1) - 1]
-            self.tracked_rows = torch.cat([self.tracked_rows, self._final_row(X, Y)])
+            last = batches[max(len(self.tracked_rows), 1) - 1]
+            self.tracked_rows = torch.cat([self.tracked_rows, self._final_row(last)])
 
-    def _final_row(self, X: Tensor, Y: Tensor) -> Tensor:
+    def _final_row(self, batch) -> Tensor:
         """The tracked row of the state training ended in: its loss, gradients and parameters, (1, columns).
         One more forward and backward pass, on the last update's batch; no update."""
-        bp = self.net.forward_backward(X, Y)
+        bp = self.net.forward_backward(*batch)
         loss, grads = bp.loss, bp.gradients
         if self.trainer.world_size > 1:
-            loss, grads, _, _ = self._all_reduce(X.shape[0], loss, grads)
+            loss, grads, _, _ = self._all_reduce(_batch_weight(batch), loss, grads)
         return self.net.tracked_rows(torch.stack([self.net.snapshot(loss, grads, bp)]))
 
     def _signalled(self) -> bool:
@@ -317,8 +361,8 @@ class NeuronModule(L.LightningModule):
                 schedule.load_state_dict(schedule_state)
             (progress.total.ready, progress.total.completed, progress.current.ready,
              progress.current.completed) = counts
-            for X, Y in batches[:n]:
-                self._update(X, Y, parameters, optimizer, schedule)
+            for batch in batches[:n]:
+                self._update(batch, parameters, optimizer, schedule)
             if n == 0 or all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
                 return n
             n -= 1
@@ -328,17 +372,16 @@ class NeuronModule(L.LightningModule):
         p = next(self.net.parameters())
         return p.new_empty((0, len(self.tracked_names())))
 
-    def _update(self, X: Tensor, Y: Tensor, parameters: dict, optimizer, schedule
-                ) -> tuple[Tensor, bool, Optional[Tensor]]:
-        """One hand-written update; returns the network's snapshot of the state it started from, whether
-        the gradient norm there was under ``tol``, and (data-parallel only) the number of ranks that had been
-        signalled to stop, summed with the gradients, on the device."""
-        bp = self.net.forward_backward(X, Y)
+    def _update(self, batch, parameters: dict, optimizer, schedule) -> tuple[Tensor, bool, Optional[Tensor]]:
+        """One hand-written update on ``batch`` (``(X, Y)`` or ``(X, Y, W)``); returns the network's snapshot of
+        the state it started from, whether the gradient norm there was under ``tol``, and (data-parallel only)
+        the number of ranks that had been signalled to stop, summed with the gradients, on the device."""
+        bp = self.net.forward_backward(*batch)
         loss, grads = bp.loss, bp.gradients
-        hessian = self._hessian(X) if self.hparams.update_rule == "newton" else None
+        hessian = self.net.hessian(*batch[:1], *batch[2:]) if self.hparams.update_rule == "newton" else None
         flag = None
         if self.trainer.world_size > 1:
-            loss, grads, hessian, flag = self._all_reduce(X.shape[0], loss, grads, hessian,
+            loss, grads, hessian, flag = self._all_reduce(_batch_weight(batch), loss, grads, hessian,
                                                           stop=float(self._signalled()))
         # the state this update starts from: loss(w, b), the gradients and w, b themselves
         snapshot, converged = self.net.snapshot(loss, grads, bp), False
@@ -358,22 +401,18 @@ class NeuronModule(L.LightningModule):
             self.converged_at = self.global_step  # the updates run, this one included
         return snapshot, converged, flag
 
-    def _hessian(self, X: Tensor) -> Tensor:
-        """The single neuron's ``(w, b)`` Hessian of the loss, L2 included, shape (n + 1, n + 1)."""
-        linear = self.net.linear
-        return layers.l2_hessian(layers.bce_hessian(X, linear.weight, linear.bias), self.net.l2)
-
-    def _all_reduce(self, m: int, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None,
+    def _all_reduce(self, m: Tensor | float, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None,
                     stop: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor], Tensor]:
         """Exact full-data gradients under data parallelism: the sum of per-rank sums over the global m.
 
-        Each rank's loss, gradients (and Hessian) are means over its own ``m`` rows; ``Σ_r m_r·g_r / Σ_r m_r``
-        is the mean over all rows. The L2 terms, equal on every rank, come through unchanged. ``stop`` (1 on
+        Each rank's loss, gradients (and Hessian) are means over its own ``m`` rows (weighted means over its
+        rows' total weight ``m``); ``Σ_r m_r·g_r / Σ_r m_r`` is the mean over all rows. The L2 terms, equal on
+        every rank, come through unchanged. ``stop`` (1 on
         a rank that was signalled) rides in the same payload, so every rank learns of a signal at the same
         update; its sum over the ranks is returned last.
         """
         reduce = self.trainer.strategy.reduce
-        m_total = reduce(torch.tensor(float(m), device=loss.device), reduce_op="sum")
+        m_total = reduce(torch.as_tensor(m, dtype=loss.dtype, device=loss.device).clone(), reduce_op="sum")
         parts = [loss.view(1)] + [g.flatten() for g in grads.values()]
         if hessian is not None:
             parts.append(hessian.flatten())
@@ -405,12 +444,16 @@ class NeuronModule(L.LightningModule):
                           f"{self.global_step} updates; raise trainer.max_steps or the learning rate",
                           ConvergenceWarning, stacklevel=1)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
-        X, Y = batch
-        Z = self.net.logits(X)  # (m, 1)
+    def _evaluate(self, batch: tuple[Tensor, ...], metrics: MetricCollection, stage: str) -> None:
+        X, Y, *weight = batch
+        Z = self.net.logits(X)  # (m, 1) or (m, k)
+        head = layers.OUTPUTS[self.net.output]
         # every rank evaluates the whole split, so syncing only averages equal values
-        self.log(f"{stage}/loss", layers.bce_from_logits(Z, Y), prog_bar=stage == "val", sync_dist=True)
-        metrics.update(layers.sigmoid(Z).squeeze(1), Y.squeeze(1).long())
+        self.log(f"{stage}/loss", head.loss(Z, Y, *weight), prog_bar=stage == "val", sync_dist=True)
+        if Y.shape[1] == 1:
+            metrics.update(head.forward(Z).squeeze(1), Y.squeeze(1).long())
+        else:
+            metrics.update(head.forward(Z), Y.argmax(1))
         self.log_dict(metrics, prog_bar=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -424,7 +467,8 @@ class NeuronModule(L.LightningModule):
         return self.net(X)
 
     def predict_proba(self, X_raw: Tensor) -> Tensor:
-        """Probability of label 1 for raw (unstandardised) features, shape (m, n) → (m, 1)."""
+        """Class probabilities for raw (unstandardised) features, shape (m, n) → (m, 1) (of label 1, two
+        classes) or (m, k)."""
         with torch.no_grad():
             X = (X_raw.to(self.feature_mean) - self.feature_mean) / self.feature_std
             return self.net(X)

@@ -41,5 +41,5 @@ def test_newton_reaches_sklearn_optimum_in_a_few_updates(tracking_uri, runs_of, 
 def test_newton_with_hidden_layers_is_a_clear_error(tracking_uri, runs_of, capsys):
     assert train(["--model.update_rule", "newton", "--model.hidden_sizes", "[4]", "--trainer.max_steps", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: model.update_rule newton is for the single neuron")
+    assert err.startswith("error: model.update_rule newton is for networks without hidden layers")
     assert runs_of(tracking_uri) == []
