@@ -1,11 +1,12 @@
-"""A single neuron's loss and gradients in one pass over X, on CPU.
+"""A single neuron's loss and gradients in one pass over X: a C kernel on CPU, a Triton kernel on CUDA.
 
 The plain reference path (:meth:`neuron_torch.SingleNeuron.forward_backward` with ``fused=False``) reads X
 twice: once for ``Z = X·wᵀ + b`` and once for ``dw = dZᵀ·X / m``, with ``Z`` and ``dZ`` written and read in
 between. Every row is independent until the sum, so ``z_i``, ``dz_i`` and ``dz_i·x_i`` can be taken while the
 row is still in cache: ``fused_kernel.c`` does that, and this module compiles it once with the system C compiler,
 loads it with ``ctypes`` and calls it on the tensors' memory. Where it cannot (no compiler, a tensor it does not
-take) :func:`neuron_pass` returns None and the caller takes the reference path.
+take) :func:`neuron_pass` returns None and the caller takes the reference path. CUDA tensors go to the Triton
+kernel of :mod:`neuron_torch.fused_triton` instead, under the same switch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from neuron_torch import fused_triton  # imports triton only when a CUDA tensor first asks for it
 
 log = logging.getLogger("neuron_torch")
 
@@ -68,7 +71,8 @@ def neuron_pass(X: Tensor, Y: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Ten
     Parameters
     ----------
     X : Tensor, shape (m, n)
-        Inputs, on CPU, float32 or float64, rows contiguous (``X.stride(1) == 1``; any row stride).
+        Inputs, float32 or float64, rows contiguous (``X.stride(1) == 1``; any row stride). On CUDA also
+        bfloat16, with float32 ``Y``, ``w`` and ``b`` (see :func:`neuron_torch.fused_triton.triton_pass`).
     Y : Tensor, shape (m, 1)
         Labels in {0, 1}, same dtype as ``X``.
     w : Tensor, shape (1, n)
@@ -80,10 +84,14 @@ def neuron_pass(X: Tensor, Y: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Ten
     -------
     (loss, dw, db) : tuple of Tensor, shapes (), (1, n) and (1,)
         ``mean(softplus(Z) − Y·Z)``, ``dZᵀ·X / m`` and ``mean(dZ)`` with ``Z = X·wᵀ + b``, ``dZ = σ(Z) − Y``
-        (no L2 term); or None when the fast path does not apply (switched off, no compiler, another device or
-        dtype, other shapes or strides), and the caller should take the reference path.
+        (no L2 term); or None when the fast path does not apply (switched off, no compiler or no Triton, another
+        device or dtype, other shapes or strides), and the caller should take the reference path.
     """
-    if not enabled() or not _applies(X, Y, w, b):
+    if not enabled():
+        return None
+    if X.is_cuda:
+        return fused_triton.triton_pass(X, Y, w, b)
+    if not _applies(X, Y, w, b):
         return None
     kernel = (_kernels or _load() or {}).get(X.dtype)
     if kernel is None:
