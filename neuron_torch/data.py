@@ -211,25 +211,29 @@ def class_weights(class_weight, classes: Sequence[str], y: np.ndarray,
 
     if class_weight is None:
         return None
+    check_class_weight(class_weight, classes)
+    if isinstance(class_weight, str):  # every class has training rows (prepare checks), so none divides by 0
+        index = np.arange(len(classes))
+        return compute_class_weight("balanced", classes=index, y=y.astype(np.int64), sample_weight=sample_weight)
+    weights = np.ones(len(classes))
+    for label, value in class_weight.items():
+        weights[list(classes).index(str(label))] = float(value)
+    return weights
+
+
+def check_class_weight(class_weight, classes: Sequence[str]) -> None:
+    """Refuse a ``model.class_weight`` that is not ``balanced`` or a mapping of known labels to numbers >= 0."""
+    if class_weight is None:
+        return
     if isinstance(class_weight, str):
         if class_weight != "balanced":
             raise DataError(f"model.class_weight must be 'balanced' or a mapping label: weight, got {class_weight!r}")
-        index = np.arange(len(classes))
-        present = np.isin(index, y.astype(np.int64))
-        if not present.all():
-            raise DataError(f"model.class_weight balanced: class {classes[int(np.argmin(present))]!r} has no "
-                            "training rows")
-        return compute_class_weight("balanced", classes=index, y=y.astype(np.int64), sample_weight=sample_weight)
-    unknown = [label for label in class_weight if str(label) not in classes]
-    if unknown:
-        raise DataError(f"model.class_weight names label {unknown[0]!r}, which is not a class "
-                        f"({listing(classes)})")
-    weights = np.ones(len(classes))
+        return
     for label, value in class_weight.items():
+        if str(label) not in classes:
+            raise DataError(f"model.class_weight names label {label!r}, which is not a class ({listing(classes)})")
         if not (np.isfinite(float(value)) and float(value) >= 0):
             raise DataError(f"model.class_weight for label {label!r} must be a number >= 0, got {value!r}")
-        weights[list(classes).index(str(label))] = float(value)
-    return weights
 
 
 def _as_float(text) -> float | None:
@@ -405,6 +409,12 @@ class NeuronDataModule(L.LightningDataModule):
             raise DataError(f"{table.source}: column {table.feature_names[constant[0]]!r} is constant on the "
                             "training split and cannot be standardised; drop it (data.features) or set "
                             "data.standardize false")
+        counts = np.bincount(table.y[parts["train"]].astype(np.int64), minlength=len(table.classes))
+        if not counts.all():
+            absent = int(np.argmin(counts))
+            raise DataError(f"{table.source}: class {table.classes[absent]!r} has no training rows "
+                            f"({int((table.y == absent).sum())} in all): lower data.val_fraction and "
+                            "data.test_fraction, or change data.seed")
         self._labels = {name: table.y[rows] for name, rows in parts.items()}  # class indices, (m_split,)
         self._splits = {
             name: (torch.from_numpy((table.X[rows] - self.mean) / self.std), self._targets(table.y[rows]))

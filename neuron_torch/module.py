@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from neuron_torch import layers
-from neuron_torch.data import BatchGroup, class_weights
+from neuron_torch.data import BatchGroup, check_class_weight, class_weights
 from neuron_torch.metrics import classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
 from neuron_torch.optim import StepFailed, make_update_rule
@@ -129,6 +129,7 @@ class NeuronModule(L.LightningModule):
                              f"({n_parameters ** 2 * 8 / 2 ** 30:.1f} GiB in float64) for {n} features"
                              f"{f' and {k} classes' if k > 2 else ''}; the limit is {NEWTON_MAX_PARAMETERS} "
                              "parameters: use gd, nesterov or adam")
+        check_class_weight(class_weight, self.classes)  # before any run exists: one line, not a traceback
         self.net: HandBackprop = build_network(n, k, hidden_sizes, activation, init, l2, fused=fused)
         # standardisation statistics of the training split, kept with the weights (set in setup)
         self.register_buffer("feature_mean", torch.zeros(n))
