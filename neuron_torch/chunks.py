@@ -1,0 +1,264 @@
+"""Reading a sharded table chunk by chunk, one chunk ahead on a background thread.
+
+A chunk is at most ``chunk_rows`` consecutive rows of one shard, read with only the columns needed, turned into
+a float64 block and, where asked, checked, cut to one split and standardised, all on the reading thread: Parquet
+decoding and these conversions release the GIL, so they overlap the consumer's compute on the chunk before.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Generic, Iterator, NamedTuple, Optional, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from neuron_torch.console import first_line
+from neuron_torch.shards import Piece, Shards
+from neuron_torch.split import Split
+from neuron_torch.tables import MAX_ABS, DataError
+
+T = TypeVar("T")
+FILL_ROWS = 4096  # rows per block when interleaving columns into row-major X: the block's rows stay in cache
+# Parquet reads through a buffer of this size instead of loading each column chunk of a row group whole
+# beforehand (pyarrow's pre_buffer): a row group being read then holds 1.7× its size, not 2.6× (pyarrow 25).
+READ_BUFFER = 1 << 16
+THREADS = True
+
+
+class Chunk(NamedTuple):
+    """Rows read together, in global order.
+
+    Attributes
+    ----------
+    index : ndarray of int64, shape (r,)
+        Global index of each row.
+    X : ndarray of float64, shape (r, n)
+        Feature values, C-contiguous (standardised when the reader was given a centre and scale).
+    labels : ndarray, shape (r,), or None
+        The label column as stored (numbers, booleans or strings).
+    weights : ndarray of float64, shape (r,), or None
+    path : str
+        The shard the rows came from.
+    """
+
+    index: np.ndarray
+    X: np.ndarray
+    labels: Optional[np.ndarray]
+    weights: Optional[np.ndarray]
+    path: str
+
+
+class Prefetch(Generic[T]):
+    """Iterate ``produce()`` on a background thread, ``depth`` items ahead of the consumer.
+
+    Use it in a ``with`` block (or call :meth:`close`): a consumer that stops early stops the thread, which
+    closes ``produce()``'s iterator (and so its open files) on its way out. An exception raised by the producer
+    is raised again in the consumer, where it would have been raised without the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, produce: Callable[[], Iterator[T]], depth: int = 1, name: str = "neuron-torch-prefetch"):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Iterator[T]]) -> None:
+        items = None
+        try:
+            items = produce()
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as err:  # handed to the consumer, which raises it
+            self._put(err)
+        finally:
+            if hasattr(items, "close"):
+                items.close()
+
+    def _put(self, item) -> bool:
+        """Wait for room in the queue; False once the consumer has stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread and wait for it; the items it read ahead are dropped."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)  # room for a put already under way
+            except queue.Empty:
+                pass
+        self._queue = queue.Queue()  # drop references to chunks read ahead
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "Prefetch[T]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_chunks(shards: Shards, features: Sequence[str], chunk_rows: int, label: Optional[str] = None,
+                weight: Optional[str] = None, pieces: Optional[Sequence[Piece]] = None,
+                split: Optional[Split] = None, part: int = 0, center: Optional[np.ndarray] = None,
+                scale: Optional[np.ndarray] = None, check: bool = False) -> Prefetch[Chunk]:
+    """Chunks of the rows of ``pieces`` (all rows by default), read one chunk ahead on a background thread.
+
+    Parameters
+    ----------
+    shards : Shards
+    features : sequence of str, length n
+        Feature columns, in the order of ``X``'s columns.
+    chunk_rows : int
+        Most rows per chunk (see :func:`neuron_torch.budget.chunk_rows`).
+    label, weight : str, optional
+        The label and sample-weight columns to read along.
+    pieces : sequence of Piece, optional
+        The rows to read, e.g. a rank's (:func:`neuron_torch.shards.rank_pieces`); in global order.
+    split : Split, optional
+        Keep only the rows of part ``part`` (0 train, 1 validation, 2 test); every row when None.
+    center, scale : ndarray, shape (n,), optional
+        Standardise ``X`` in place: ``(X − center) / scale``.
+    check : bool
+        Check every row read (before the split is applied) as a loaded table is checked: finite features within
+        ``MAX_ABS``, no missing label, finite non-negative weights. A run checks once, on its first pass.
+
+    Returns
+    -------
+    Prefetch of Chunk
+        Use it in a ``with`` block. Chunks with no row of the part are skipped.
+
+    Raises
+    ------
+    DataError
+        While iterating: one line naming the shard when it is gone, changed since the table was opened, or
+        cannot be decoded; with the column and row (1-based within the shard) when ``check`` finds a bad value.
+    """
+    pieces = list(shards.pieces() if pieces is None else pieces)
+    columns = [*features, *(c for c in (label, weight) if c is not None)]
+
+    def produce() -> Iterator[Chunk]:
+        for run in _runs(pieces):
+            yield from _read_run(shards, run, features, columns, chunk_rows, label, weight, split, part, center,
+                                 scale, check)
+
+    return Prefetch(produce)
+
+
+def _runs(pieces: list[Piece]) -> list[list[Piece]]:
+    """Pieces grouped into runs of consecutive rows of one shard, each read with one Parquet reader."""
+    runs: list[list[Piece]] = []
+    for piece in pieces:
+        if runs and runs[-1][-1].path == piece.path and runs[-1][-1].start + runs[-1][-1].rows == piece.start:
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
+
+
+def _read_run(shards, run, features, columns, chunk_rows, label, weight, split, part, center, scale, check):
+    path, first = run[0].path, run[0]
+    skip, take, start = first.offset, sum(p.rows for p in run), first.start
+    shard_row = _shard_row(shards, first)  # 0-based row within the shard of the run's first row, for messages
+    if shards.stamp_of(path) != shards.stamps[path]:
+        raise DataError(f"{path}: shard of {shards.source} changed since the table was opened; restart the run")
+    try:
+        with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as reader:
+            batches = reader.iter_batches(batch_size=chunk_rows, row_groups=[p.row_group for p in run],
+                                          columns=columns, use_threads=THREADS)
+            while take > 0:
+                batch = next(batches, None)
+                if batch is None:
+                    raise DataError(f"{path}: shard of {shards.source} holds fewer rows than its footer says")
+                if skip >= batch.num_rows:  # a piece that starts inside its row group: rows before it are skipped
+                    skip -= batch.num_rows
+                    continue
+                batch = batch.slice(skip, take)
+                skip, r = 0, batch.num_rows
+                chunk = _chunk(batch, np.arange(start, start + r, dtype=np.int64), features, label, weight,
+                               path, shard_row, check)
+                start, take, shard_row = start + r, take - r, shard_row + r
+                if split is not None:
+                    keep = split.of(chunk.index) == part
+                    if not keep.all():
+                        chunk = Chunk(*(None if a is None else a[keep] for a in chunk[:4]), path)
+                if len(chunk.index) == 0:
+                    continue
+                if center is not None:
+                    X = chunk.X  # standardised in place: the block is this chunk's own
+                    X -= center
+                    X /= scale
+                yield chunk
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: shard of {shards.source} cannot be read: {first_line(err)}") from None
+
+
+def _shard_row(shards: Shards, piece: Piece) -> int:
+    before = sum(g.rows for g in shards.row_groups if g.path == piece.path and g.row_group < piece.row_group)
+    return before + piece.offset
+
+
+def _chunk(batch: pa.RecordBatch, index: np.ndarray, features, label, weight, path, shard_row, check) -> Chunk:
+    r = batch.num_rows
+    X = np.empty((r, len(features)), dtype=np.float64)
+    values = []
+    for j, name in enumerate(features):
+        column = batch.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: column {name!r}, row {shard_row + row + 1}: missing value")
+        values.append(column.to_numpy(zero_copy_only=False))
+    for lo in range(0, r, FILL_ROWS):  # row blocks: column by column over all r rows would miss the cache
+        for j, column in enumerate(values):
+            X[lo:lo + FILL_ROWS, j] = column[lo:lo + FILL_ROWS]
+    labels = weights = None
+    if label is not None:
+        column = batch.column(label)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: column {label!r}, row {shard_row + row + 1}: missing label")
+        labels = column.to_numpy(zero_copy_only=False)
+    if weight is not None:
+        weights = np.asarray(batch.column(weight).to_numpy(zero_copy_only=False), dtype=np.float64)
+    if check:
+        _check_values(X, features, weights, weight, path, shard_row)
+    return Chunk(index, X, labels, weights, path)
+
+
+def _check_values(X, features, weights, weight, path, shard_row) -> None:
+    bad = ~(np.abs(X) <= MAX_ABS)  # NaN compares False: caught with inf and the too large
+    if bad.any():
+        row, j = np.unravel_index(int(np.argmax(bad)), X.shape)
+        value = X[row, j]
+        what = (f"non-finite value {value}" if not np.isfinite(value) else
+                f"{value:g} is too large (|value| > {MAX_ABS:g} overflows the standardisation); rescale the column")
+        raise DataError(f"{path}: column {features[j]!r}, row {shard_row + row + 1}: {what}")
+    if weights is not None:
+        bad = ~(weights >= 0) | ~np.isfinite(weights)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(f"{path}: column {weight!r}, row {shard_row + row + 1}: weight {weights[row]} is not "
+                            "a finite number >= 0")
