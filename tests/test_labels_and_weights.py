@@ -1,0 +1,106 @@
+"""From the command line: k-class labels, a weight column, class weights and fits on every row.
+
+The weighted fit is checked end to end against scikit-learn (Newton to convergence through Lightning, every
+row trained on, no standardisation), the way a user would compare the two; the refusals are one line each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+
+import conftest
+from neuron_torch.cli import train
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
+SHORT = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10", *QUIET]
+
+
+def exit_code(args: list[str]) -> int:
+    try:
+        return train(args)
+    except SystemExit as exc:
+        return exc.code
+
+
+def labelled(m: int = 60, k: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Two informative features, string labels ``c0`` … and a weight column ``w``."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(m) % k
+    return pd.DataFrame({"f1": rng.normal(size=m) + y, "f2": rng.normal(size=m) - y,
+                         "w": rng.integers(1, 4, m).astype(float), "label": [f"c{c}" for c in y]})
+
+
+CASES = {
+    "negative weight": (lambda f: f.assign(w=f.w.where(f.index != 4, -1.0)), ["--data.weight_column", "w"],
+                        ["data.csv", "'w'", "row 5", "negative"]),
+    "all weights zero": (lambda f: f.assign(w=0.0), ["--data.weight_column", "w"], ["'w'", "every sample weight is 0"]),
+    "text weight": (lambda f: f.astype({"w": object}).assign(w=f.w.where(f.index != 2, "heavy")),
+                    ["--data.weight_column", "w"], ["'w'", "row 3"]),
+    "no weight column": (lambda f: f, ["--data.weight_column", "ww"], ["no column 'ww'", "data.weight_column"]),
+    "weight as feature": (lambda f: f, ["--data.weight_column", "w", "--data.features", "[f1, w]"],
+                          ["'w'", "sample weights", "cannot also be a feature"]),
+    "weight is target": (lambda f: f, ["--data.weight_column", "label"], ["'label'", "target"]),
+    "positive label with k": (lambda f: f, ["--data.positive_label", "c1"], ["positive_label", "3 classes"]),
+    "continuous label": (lambda f: f.assign(label=np.linspace(0, 1, len(f))), [],
+                         ["'label'", "60 distinct values", "not a class label"]),
+    "class without training rows": (lambda f: f.assign(label=list(f.label[:-1]) + ["c9"]),
+                                    ["--data.val_fraction", "0.45", "--data.test_fraction", "0.45"],
+                                    ["class 'c9' has no training rows", "(1 in all)"]),
+    "unknown class weight": (lambda f: f, ["--model.class_weight", "{c7: 2}"], ["model.class_weight", "'c7'"]),
+    "negative class weight": (lambda f: f, ["--model.class_weight", "{c1: -2}"], ["model.class_weight", "'c1'", ">= 0"]),
+    "fraction 1": (lambda f: f, ["--data.val_fraction", "1"], ["data.val_fraction", "[0, 1)"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_refused_in_one_line(case, tracking_uri, runs_of, write_table, capsys):
+    change, args, fragments = CASES[case]
+    path = write_table("data.csv", change(labelled()))
+    code = exit_code(["--data.path", str(path), "--data.target", "label", *args, *SHORT])
+    assert code == 2
+    conftest.one_error_line(capsys.readouterr().err, *fragments)
+    assert runs_of(tracking_uri) == []  # refused before any run exists
+
+
+def test_every_row_trained_and_said(tracking_uri, runs_of, write_table, capsys):
+    path = write_table("data.csv", labelled())
+    code = exit_code(["--data.path", str(path), "--data.target", "label", "--data.val_fraction", "0",
+                      "--data.test_fraction", "0", *SHORT])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "train/val/test 60/0/0 rows" in out.err + out.out
+    assert "on the training rows" in out.out
+    run, = runs_of(tracking_uri)
+    assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
+
+
+def test_weighted_newton_run_equals_sklearn(tracking_uri, runs_of, write_table):
+    """Sample weights and balanced class weights, every row, raw features: scikit-learn's optimum to 1e-4."""
+    import neuron_torch
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = X[:, :4] / X[:, :4].std(0)  # four columns on a unit scale, so the raw-feature fit is well conditioned
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 4, len(y)).astype(float)
+    frame = pd.DataFrame(X, columns=["a", "b", "c", "d"]).assign(w=w, label=y)
+    path = write_table("weighted.parquet", frame)
+    l2 = 0.05
+    code = exit_code(["--data.path", str(path), "--data.target", "label", "--data.weight_column", "w",
+                      "--model.class_weight", "balanced", "--data.val_fraction", "0", "--data.test_fraction", "0",
+                      "--data.standardize", "false", "--model.update_rule", "newton", "--model.learning_rate", "1",
+                      "--model.l2", str(l2), "--trainer.precision", "64-true", "--trainer.max_steps", "25",
+                      "--trainer.val_check_interval", "25", *QUIET])
+    assert code == 0
+    run, = runs_of(tracking_uri)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    s = w * compute_class_weight("balanced", classes=np.array([0, 1]), y=y, sample_weight=w)[y]
+    clf = LogisticRegression(C=1 / (l2 * s.sum()), class_weight="balanced", tol=1e-12, max_iter=10_000)
+    clf.fit(X, y, sample_weight=w)
+    model = neuron_torch.load_model(f"runs:/{run.info.run_id}/model", tracking_uri)
+    probability = model.predict_proba(frame[["a", "b", "c", "d"]])
+    np.testing.assert_allclose(np.ravel(probability), clf.predict_proba(X)[:, 1], rtol=0, atol=1e-4)
