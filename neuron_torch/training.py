@@ -113,6 +113,12 @@ def train(args: Optional[list[str]] = None) -> int:
             _release_process_group()  # the last collective is done: what follows is rank 0's alone
 
             run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
+            from neuron_torch.coefficients import format_table, table_from_module
+
+            coefficients = table_from_module(model, data)  # None with hidden layers (no coefficients)
+            if coefficients is not None:
+                run.log_text(coefficients.to_csv(index=False), "coefficients.csv")
+                run.log_text(format_table(coefficients), "coefficients.txt")  # with its status line
             artifacts.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
                                settings.register_as)
             artifacts.log_figures(run, tracker, model, data)
@@ -139,6 +145,8 @@ def train(args: Optional[list[str]] = None) -> int:
 
     checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at))
+    if coefficients is not None and len(coefficients) <= 20:  # a longer table is read from coefficients.csv
+        print(format_table(coefficients))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
 
 
