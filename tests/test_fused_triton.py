@@ -214,3 +214,26 @@ def test_bfloat16_inputs_through_neuron_pass():
     out = fused.neuron_pass(X, Y, w, b)
     assert out is not None and all(t.dtype == f32 for t in out)
     assert fused.neuron_pass(X.half(), Y.half(), w.half(), b.half()) is None  # float16: the reference path
+
+
+# --- X stored as bfloat16 (data.dtype): where it is allowed ------------------------------------------------------
+
+
+def test_storage_dtype_says_where_bfloat16_is_allowed():
+    assert fused_triton.storage_dtype("model", f64, "cpu") == f64
+    assert fused_triton.storage_dtype("bfloat16", f32, "cuda") == bf16
+    assert fused_triton.storage_dtype("bfloat16", f32, torch.device("cuda", 1)) == bf16
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        fused_triton.storage_dtype("bfloat16", f32, "cpu")
+    with pytest.raises(ValueError, match="needs float32 parameters, got float64"):
+        fused_triton.storage_dtype("bfloat16", f64, "cuda")
+    with pytest.raises(ValueError, match="'model' or 'bfloat16', got 'float16'"):
+        fused_triton.storage_dtype("float16", f32, "cuda")
+
+
+def test_computable_converts_only_when_needed():
+    X = torch.randn(5, 3)
+    assert fused_triton.computable(X, f32) is X
+    low = X.bfloat16()
+    assert fused_triton.computable(low, f32).dtype == f32
+    assert torch.equal(fused_triton.computable(low, f32).bfloat16(), low)  # bfloat16 → float32 is exact
