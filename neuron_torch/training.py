@@ -144,7 +144,9 @@ def train(args: Optional[list[str]] = None) -> int:
         return user_error(problem)
 
     checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-    print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at))
+    held_out = data.evaluated_on("test") == "test" if hasattr(data, "evaluated_on") else True
+    print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at,
+                              held_out))
     if coefficients is not None and len(coefficients) <= 20:  # a longer table is read from coefficients.csv
         print(format_table(coefficients))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
