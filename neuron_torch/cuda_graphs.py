@@ -46,17 +46,19 @@ def capturable(parameters: Iterable[Tensor], optimizer, *, schedule=None, world_
             and type(optimizer) is GradientDescent and schedule is None and world_size == 1 and not host_reads)
 
 
-def neuron_update(net, optimizer, X: Tensor, Y: Tensor) -> Callable[[], Tensor]:
-    """One hand-written update of ``net`` on (X, Y) as a function for :class:`GraphedUpdates`.
+def neuron_update(net, optimizer, *batch: Tensor) -> Callable[[], Tensor]:
+    """One hand-written update of ``net`` on a batch as a function for :class:`GraphedUpdates`.
 
     Parameters
     ----------
     net : HandBackprop
         A network of :mod:`neuron_torch.networks`.
     optimizer : torch.optim.Optimizer
-        Its update rule, reading the gradients from ``p.grad``.
-    X : Tensor, shape (m, n)
-    Y : Tensor, shape (m, 1)
+        Its update rule, reading the gradients from ``p.grad`` (the inner optimizer, not Lightning's wrapper,
+        whose step counting would run once at capture and never at a replay).
+    *batch : Tensor
+        What ``net.forward_backward`` takes: ``X`` (m, n), ``Y`` (m, 1) or (m, k), and optional row weights
+        (m, 1).
 
     Returns
     -------
@@ -67,7 +69,7 @@ def neuron_update(net, optimizer, X: Tensor, Y: Tensor) -> Callable[[], Tensor]:
     params = dict(net.named_parameters())
 
     def update() -> Tensor:
-        bp = net.forward_backward(X, Y)
+        bp = net.forward_backward(*batch)
         snapshot = net.snapshot(bp.loss, bp.gradients, bp)  # (s,), taken before the parameters change
         for name, p in params.items():
             p.grad = bp.gradients[name]
