@@ -12,7 +12,8 @@ import importlib
 _PUBLIC = {"BackwardPass": "neuron_torch.networks", "DeepNetwork": "neuron_torch.networks",
            "HandBackprop": "neuron_torch.networks", "SingleNeuron": "neuron_torch.networks",
            "SoftmaxRegression": "neuron_torch.networks", "build_network": "neuron_torch.networks",
-           "NeuronPredictor": "neuron_torch.loading", "load_model": "neuron_torch.loading"}
+           "NeuronPredictor": "neuron_torch.loading", "load_model": "neuron_torch.loading",
+           "NeuronClassifier": "neuron_torch.sklearn"}
 
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
