@@ -108,8 +108,10 @@ class StreamedSplit:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Yields ``X`` (r, n) and ``Y`` (r, k) per chunk, standardised, in the network's dtype and device."""
+        # cast on the reading thread where numpy has the dtype (float16/bfloat16 and devices: here, after)
+        host = {torch.float64: np.float64, torch.float32: np.float32}.get(self.dtype, np.float64)
         reader = read_chunks(self.shards, self.features, self.chunk_rows, label=self.target, pieces=self.pieces,
-                             split=self.split, part=self.part, center=self.mean, scale=self.std)
+                             split=self.split, part=self.part, center=self.mean, scale=self.std, dtype=host)
         with reader:  # also when the consumer stops early: the reading thread ends with the iteration
             for chunk in reader:
                 X = torch.from_numpy(chunk.X).to(self.device, self.dtype)
