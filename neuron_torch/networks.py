@@ -271,12 +271,12 @@ class SingleNeuron(LinearModel):
     generator : torch.Generator, optional
         Source of randomness for the random initialisations.
     fused : bool
-        On CPU, take the loss and gradients in one pass over ``X`` (:mod:`neuron_torch.fused`, a small C kernel
-        compiled on first use) instead of the reference path's two (``Z = X·wᵀ + b``, then ``dZᵀ·X``). The
-        numbers are the same to the dtype's rounding. It applies to float32/float64 ``X`` whose rows are
-        contiguous, with ``Y`` of shape (m, 1) and the same dtype, and no sample weights; anything else (CUDA,
-        float16, a transposed ``X``), a missing C compiler, or the environment variable ``NEURON_TORCH_FUSED=0``
-        takes the reference path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored
+        Take the loss and gradients in one pass over ``X`` (:mod:`neuron_torch.fused`: a small C kernel compiled
+        on first use on CPU, a Triton kernel on CUDA) instead of the reference path's two (``Z = X·wᵀ + b``, then
+        ``dZᵀ·X``). The numbers are the same to the dtype's rounding. It applies to float32/float64 ``X`` (on
+        CUDA also bfloat16 ``X`` with float32 parameters) whose rows are contiguous, with ``Y`` of shape (m, 1),
+        and no sample weights; anything else (float16, a transposed ``X``), a missing C compiler or triton, or
+        the environment variable ``NEURON_TORCH_FUSED=0`` takes the reference path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored
         (that is the point).
 
     Examples
