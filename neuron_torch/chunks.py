@@ -21,7 +21,7 @@ from neuron_torch.split import Split
 from neuron_torch.tables import MAX_ABS, DataError
 
 T = TypeVar("T")
-FILL_ROWS = 4096  # rows per block when standardising and casting: a block of float64 rows stays in cache
+FILL_ROWS = 4096  # rows per block when standardising: a block of rows stays in cache between its two steps
 # Parquet reads through a buffer of this size instead of loading each column chunk of a row group whole
 # beforehand (pyarrow's pre_buffer): a row group being read then holds 1.7× its size, not 2.6× (pyarrow 25).
 READ_BUFFER = 1 << 16
@@ -147,7 +147,7 @@ def read_chunks(shards: Shards, features: Sequence[str], chunk_rows: int, label:
         Check every row read (before the split is applied) as a loaded table is checked: finite features within
         ``MAX_ABS``, no missing label, finite non-negative weights. A run checks once, on its first pass.
     dtype : numpy dtype
-        Of ``X``: standardised in float64, then cast on the reading thread, off the consumer's time.
+        Of ``X``, standardised in that dtype on the reading thread, off the consumer's time.
 
     Returns
     -------
@@ -172,7 +172,7 @@ def read_chunks(shards: Shards, features: Sequence[str], chunk_rows: int, label:
 
 
 def _runs(pieces: list[Piece]) -> list[list[Piece]]:
-    """Pieces grouped into runs of consecutive rows of one shard, each read with one Parquet reader."""
+    """Pieces grouped into runs of consecutive rows of one shard, each read with one Parquet file open."""
     runs: list[list[Piece]] = []
     for piece in pieces:
         if runs and runs[-1][-1].path == piece.path and runs[-1][-1].start + runs[-1][-1].rows == piece.start:
@@ -183,33 +183,38 @@ def _runs(pieces: list[Piece]) -> list[list[Piece]]:
 
 
 def _read_run(shards, run, features, columns, chunk_rows, label, weight, split, part, center, scale, check, dtype):
-    path, first = run[0].path, run[0]
-    skip, take, start = first.offset, sum(p.rows for p in run), first.start
-    shard_row = _shard_row(shards, first)  # 0-based row within the shard of the run's first row, for messages
+    path = run[0].path
+    shard_row = _shard_row(shards, run[0])  # 0-based row within the shard of the run's first row, for messages
     if shards.stamp_of(path) != shards.stamps[path]:
         raise DataError(f"{path}: shard of {shards.source} changed since the table was opened; restart the run")
     try:
         with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER) as reader:
-            batches = reader.iter_batches(batch_size=chunk_rows, row_groups=[p.row_group for p in run],
-                                          columns=columns, use_threads=THREADS)
-            while take > 0:
-                batch = next(batches, None)
-                if batch is None:
+            for piece in run:
+                # a whole row group at once: pyarrow decodes one whole anyway, even for iter_batches, and
+                # read_row_group does it faster (its columns in parallel)
+                group = reader.read_row_group(piece.row_group, columns=columns, use_threads=THREADS)
+                if group.num_rows < piece.offset + piece.rows:
                     raise DataError(f"{path}: shard of {shards.source} holds fewer rows than its footer says")
-                if skip >= batch.num_rows:  # a piece that starts inside its row group: rows before it are skipped
-                    skip -= batch.num_rows
-                    continue
-                batch = batch.slice(skip, take)
-                skip, r = 0, batch.num_rows
-                index = np.arange(start, start + r, dtype=np.int64)
-                keep = None if split is None else split.of(index) == part
-                chunk = _chunk(batch, index, keep, features, label, weight, path, shard_row, check, center, scale,
-                               dtype)
-                start, take, shard_row = start + r, take - r, shard_row + r
-                if len(chunk.index):
-                    yield chunk
+                chunks = _group_chunks(group.slice(piece.offset, piece.rows), piece.start, shard_row, chunk_rows,
+                                       features, label, weight, split, part, center, scale, check, dtype, path)
+                del group  # the generator holds the only reference: the row group is freed when it is done
+                yield from chunks
+                shard_row += piece.rows
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{path}: shard of {shards.source} cannot be read: {first_line(err)}") from None
+
+
+def _group_chunks(group: pa.Table, start, shard_row, chunk_rows, features, label, weight, split, part, center, scale,
+                  check, dtype, path) -> Iterator[Chunk]:
+    """The chunks of one row group (or the part of it a rank reads), ``start`` the global index of its first row."""
+    for batch in group.to_batches(max_chunksize=chunk_rows):
+        r = batch.num_rows
+        index = np.arange(start, start + r, dtype=np.int64)
+        keep = None if split is None else split.of(index) == part
+        chunk = _chunk(batch, index, keep, features, label, weight, path, shard_row, check, center, scale, dtype)
+        start, shard_row = start + r, shard_row + r
+        if len(chunk.index):
+            yield chunk
 
 
 def _shard_row(shards: Shards, piece: Piece) -> int:
@@ -219,8 +224,8 @@ def _shard_row(shards: Shards, piece: Piece) -> int:
 
 def _chunk(batch: pa.RecordBatch, index: np.ndarray, keep: Optional[np.ndarray], features, label, weight, path,
            shard_row, check, center, scale, dtype) -> Chunk:
-    """One batch as a Chunk: checked (every row), turned into rows, cut to the kept rows, then standardised and
-    cast in one pass over row blocks that stay in cache (a pass over the whole chunk for each costs more)."""
+    """One batch as a Chunk: checked (every row), turned into rows, cut to the kept rows, then standardised in
+    ``dtype`` block by block."""
     arrays, columns = [], []
     for name in features:
         column = batch.column(name)
@@ -238,7 +243,7 @@ def _chunk(batch: pa.RecordBatch, index: np.ndarray, keep: Optional[np.ndarray],
         if column.null_count:
             row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
             raise DataError(f"{path}: column {label!r}, row {shard_row + row + 1}: missing label")
-        labels = column.to_numpy(zero_copy_only=False)
+        labels = np.array(column.to_numpy(zero_copy_only=False))  # a copy: a view would keep the row group alive
     if weight is not None:
         weights = np.asarray(batch.column(weight).to_numpy(zero_copy_only=False), dtype=np.float64)
     if check:  # before the split is applied: a bad value is refused whichever split its row is in
@@ -253,22 +258,27 @@ def _chunk(batch: pa.RecordBatch, index: np.ndarray, keep: Optional[np.ndarray],
     if center is None and T.dtype == dtype and T.flags.writeable:
         return Chunk(index, T, labels, weights, path)
     X = np.empty((r, n), dtype=dtype)
-    block = np.empty((min(r, FILL_ROWS), n), dtype=np.float64)
-    for lo in range(0, r, FILL_ROWS):  # block by block: the block stays in cache through all three steps
-        hi = min(r, lo + FILL_ROWS)
-        part = block[:hi - lo]
-        if center is None:
-            part[...] = T[lo:hi]
-        else:  # in float64, as a loaded table is standardised, then cast
-            np.subtract(T[lo:hi], center, out=part)
-            part /= scale
-        X[lo:hi] = part
+    if center is None:
+        X[...] = T
+        return Chunk(index, X, labels, weights, path)
+    # in X's own dtype: a float32 model gets (x − mean)·(1/std) rounded once to float32, within an ulp or two
+    # of the loaded table's float64 result cast to float32; float64 stays within an ulp of it
+    center, inverse = center.astype(dtype), (1.0 / scale).astype(dtype)
+    for lo in range(0, r, FILL_ROWS):  # block by block: the block stays in cache from one step to the next
+        part = X[lo:lo + FILL_ROWS]
+        np.subtract(T[lo:lo + FILL_ROWS], center, out=part)
+        part *= inverse
     return Chunk(index, X, labels, weights, path)
 
 
 def _check_values(columns, features, weights, weight, path, shard_row) -> None:
     for name, column in zip(features, columns):
-        bad = ~(np.abs(column) <= MAX_ABS)  # NaN compares False: caught with inf and the too large
+        if column.dtype.kind != "f":  # integers and booleans are finite and far below MAX_ABS
+            continue
+        if column.dtype.itemsize < 8:  # every finite float32 is below MAX_ABS, which float32 cannot even hold
+            bad = ~np.isfinite(column)
+        else:
+            bad = ~(np.abs(column) <= MAX_ABS)  # NaN compares False: caught with inf and the too large
         if bad.any():
             row = int(np.argmax(bad))
             value = float(column[row])
