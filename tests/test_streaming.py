@@ -377,7 +377,6 @@ def test_prefetch_stops_when_the_consumer_stops_early(table):
     assert set(threading.enumerate()) - before == set()
 
     # a StreamedSplit's generator, left after one chunk, ends its thread when it is closed
-    X, y = table[1], table[2]
     stream = iter(StreamedSplit(shards, FEATURES, "label", binary, 10, Split()))
     next(stream)
     stream.close()
