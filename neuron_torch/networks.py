@@ -241,6 +241,11 @@ class LinearModel(HandBackprop):
     def linears(self) -> list[nn.Linear]:
         return [self.linear]
 
+    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The Hessian of :meth:`loss` (L2 included) with respect to the flattened ``(W, b)``, the one
+        :class:`neuron_torch.optim.Newton` solves with."""
+        return self.penalised_hessian(self.data_hessian(X, weight))
+
     def snapshot(self, loss: Tensor, gradients: dict[str, Tensor], bp: BackwardPass) -> Tensor:
         # one copy per update, (loss, b, W, db, dW) of shape (2·k·(n + 1) + 1,); the norms wait for tracked_rows,
         # which takes them for a whole training step at once
@@ -325,11 +330,14 @@ class SingleNeuron(LinearModel):
         name = self._names[0]
         return BackwardPass(loss, {name + "weight": dw, name + "bias": db}, [])
 
-    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
-        """The ``(w, b)`` Hessian of :meth:`loss`, L2 included, shape (n + 1, n + 1)."""
+    def data_hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The ``(w, b)`` Hessian of the mean cross-entropy alone, shape (n + 1, n + 1)."""
         with torch.no_grad():
-            H = layers.bce_hessian(X, self.linear.weight, self.linear.bias, weight)
-            return layers.l2_hessian(H, self.l2)
+            return layers.bce_hessian(X, self.linear.weight, self.linear.bias, weight)
+
+    def penalised_hessian(self, H: Tensor) -> Tensor:
+        """:meth:`data_hessian`'s ``H`` (a mean over rows, or over chunks of rows) plus the L2 term."""
+        return layers.l2_hessian(H, self.l2)
 
     def tracked_names(self, feature_names: Sequence[str], class_names: Sequence[str] = ()) -> list[str]:
         """``b`` then one ``w/<feature name>`` per weight."""
@@ -363,13 +371,16 @@ class SoftmaxRegression(LinearModel):
         self.linear = nn.Linear(n_features, n_classes)
         self.reset_parameters(init, generator)
 
-    def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
-        """The ``(W, b)`` Hessian of :meth:`loss`, L2 included, made invertible along the shifts that change no
-        prediction (:func:`neuron_torch.layers.softmax_gauge`), shape (k·(n + 1), k·(n + 1))."""
-        k, n = self.linear.weight.shape
+    def data_hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The ``(W, b)`` Hessian of the mean cross-entropy alone, shape (k·(n + 1), k·(n + 1))."""
         with torch.no_grad():
-            H = layers.softmax_hessian(X, self.linear.weight, self.linear.bias, weight)
-            return layers.softmax_gauge(layers.l2_hessian(H, self.l2, n_biases=k), k, n, weights_flat=not self.l2)
+            return layers.softmax_hessian(X, self.linear.weight, self.linear.bias, weight)
+
+    def penalised_hessian(self, H: Tensor) -> Tensor:
+        """:meth:`data_hessian`'s ``H`` plus the L2 term, made invertible along the shifts that change no
+        prediction (:func:`neuron_torch.layers.softmax_gauge`)."""
+        k, n = self.linear.weight.shape
+        return layers.softmax_gauge(layers.l2_hessian(H, self.l2, n_biases=k), k, n, weights_flat=not self.l2)
 
     def tracked_names(self, feature_names: Sequence[str], class_names: Sequence[str] = ()) -> list[str]:
         """``b/<class>`` per class, then ``w/<class>/<feature>`` class by class."""

@@ -95,28 +95,49 @@ class StreamedSplit:
         The network's dtype.
     device : torch.device or str
         The network's device.
+    weight : str, optional
+        A sample-weight column to read along.
+    row_weight : callable, optional
+        ``row_weight(labels, weights)`` → each row's weight in the loss (r, 1), or None for the plain mean:
+        the sample weight times the class weight, say. Without it the weight column is used as it is.
     """
 
     def __init__(self, shards: Shards, features: Sequence[str], target: str,
                  label_map: Callable[[np.ndarray], np.ndarray], chunk_rows: int, split: Split, part: int = TRAIN,
                  mean: Optional[np.ndarray] = None, std: Optional[np.ndarray] = None,
                  pieces: Optional[Sequence[Piece]] = None, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", weight: Optional[str] = None,
+                 row_weight: Optional[Callable[[np.ndarray, Optional[np.ndarray]], Optional[np.ndarray]]] = None):
         self.shards, self.features, self.target, self.label_map = shards, list(features), target, label_map
         self.chunk_rows, self.split, self.part, self.pieces = chunk_rows, split, part, pieces
         self.mean, self.std, self.dtype, self.device = mean, std, dtype, torch.device(device)
+        self.weight, self.row_weight = weight, row_weight
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yields ``X`` (r, n) and ``Y`` (r, k) per chunk, standardised, in the network's dtype and device."""
+    def placed(self, dtype: torch.dtype, device: torch.device | str, pieces: Optional[Sequence[Piece]] = None
+               ) -> "StreamedSplit":
+        """The same split read into another dtype and device (and, given ``pieces``, only those rows)."""
+        return StreamedSplit(self.shards, self.features, self.target, self.label_map, self.chunk_rows, self.split,
+                             self.part, self.mean, self.std, self.pieces if pieces is None else pieces, dtype,
+                             device, self.weight, self.row_weight)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        """Yields ``(X, Y)``, or ``(X, Y, W)`` with row weights, per chunk: ``X`` (r, n) standardised, ``Y``
+        (r, k), ``W`` (r, 1), in the network's dtype and on its device."""
         # cast on the reading thread where numpy has the dtype (float16/bfloat16 and devices: here, after)
         host = {torch.float64: np.float64, torch.float32: np.float32}.get(self.dtype, np.float64)
-        reader = read_chunks(self.shards, self.features, self.chunk_rows, label=self.target, pieces=self.pieces,
-                             split=self.split, part=self.part, center=self.mean, scale=self.std, dtype=host)
+        reader = read_chunks(self.shards, self.features, self.chunk_rows, label=self.target, weight=self.weight,
+                             pieces=self.pieces, split=self.split, part=self.part, center=self.mean,
+                             scale=self.std, dtype=host)
         with reader:  # also when the consumer stops early: the reading thread ends with the iteration
             for chunk in reader:
                 X = torch.from_numpy(chunk.X).to(self.device, self.dtype)
                 Y = torch.from_numpy(np.asarray(self.label_map(chunk.labels), dtype=np.float64))
-                yield X, Y.to(self.device, self.dtype)
+                W = chunk.weights if self.row_weight is None else self.row_weight(chunk.labels, chunk.weights)
+                batch = (X, Y.to(self.device, self.dtype))
+                if W is not None:
+                    W = torch.from_numpy(np.asarray(W, dtype=np.float64).reshape(-1, 1))
+                    batch += (W.to(self.device, self.dtype),)
+                yield batch
 
 
 class StreamedPass(NamedTuple):
@@ -125,22 +146,24 @@ class StreamedPass(NamedTuple):
     loss: Tensor  # shape (), mean cross-entropy over all rows plus the L2 penalty once
     gradients: dict[str, Tensor]  # keyed like named_parameters(): means over all rows plus the L2 gradient
     Z: list[Tensor]  # per layer, each unit's largest pre-activation over all rows, (1, n_l); [] on the fused path
-    rows: int  # rows summed over
-    hessian: Optional[Tensor]  # (n + 1, n + 1) for a single unit when asked for, L2 included
+    rows: float  # what the means are over: the rows, or their total weight when the chunks carry weights
+    hessian: Optional[Tensor]  # the network's Newton Hessian over all rows when asked for, L2 included
 
 
-def full_batch(net, batches: Iterable[tuple[Tensor, Tensor]], hessian: bool = False) -> StreamedPass:
+def full_batch(net, batches: Iterable[tuple[Tensor, ...]], hessian: bool = False) -> StreamedPass:
     """Loss and gradients (and the Newton Hessian) of ``net`` over every row of ``batches``, in one pass.
 
     Parameters
     ----------
     net : HandBackprop
-        A network with ``forward_backward(X, Y)`` returning means over the rows plus its L2 terms, an ``l2``
-        attribute and ``linears``.
-    batches : iterable of (Tensor, Tensor)
-        ``X`` (m_c, n) and ``Y`` (m_c, k) per chunk, e.g. a :class:`StreamedSplit`.
+        A network with ``forward_backward(X, Y, weight)`` returning (weighted) means over the rows plus its
+        L2 terms, an ``l2`` attribute and ``linears``; with ``hessian``, ``data_hessian`` and
+        ``penalised_hessian`` (:class:`neuron_torch.networks.LinearModel`).
+    batches : iterable of tuples of Tensor
+        ``(X, Y)`` or ``(X, Y, W)`` per chunk: ``X`` (m_c, n), ``Y`` (m_c, k), row weights ``W`` (m_c, 1);
+        e.g. a :class:`StreamedSplit`.
     hessian : bool
-        Also sum ``layers.bce_hessian`` over the chunks (networks of one linear layer only).
+        Also sum the network's Hessian over the chunks.
 
     Returns
     -------
@@ -149,15 +172,17 @@ def full_batch(net, batches: Iterable[tuple[Tensor, Tensor]], hessian: bool = Fa
         data terms are 0 (they weigh 0 in a sum over ranks) and only the L2 terms remain.
     """
     linears = list(net.linears)
-    if hessian and len(linears) != 1:
+    if hessian and not hasattr(net, "data_hessian"):
         raise ValueError("the Newton Hessian is defined for a network of one linear layer")
-    rows, loss_sum, grad_sums, z_max, h_sum = 0, None, None, None, None
+    total, loss_sum, grad_sums, z_max, h_sum = 0.0, None, None, None, None
     with _without_l2(net):  # the penalty is the same for every chunk: it is added once, below
-        for X, Y in batches:
-            m = X.shape[0]
+        for batch in batches:
+            X = batch[0]
+            # a chunk's mean is over its rows, or over its total weight: the sums below undo it with that
+            m = float(batch[2].sum()) if len(batch) > 2 else X.shape[0]
             if m == 0:
                 continue
-            bp = net.forward_backward(X, Y)
+            bp = net.forward_backward(*batch)
             # sums in float64 whatever the network's dtype: many chunk means added would otherwise round
             if loss_sum is None:
                 loss_sum = bp.loss.double() * m
@@ -169,19 +194,19 @@ def full_batch(net, batches: Iterable[tuple[Tensor, Tensor]], hessian: bool = Fa
                     grad_sums[name] += g.double() * m
                 z_max = [torch.maximum(a, Z.amax(0, keepdim=True)) for a, Z in zip(z_max, bp.Z)]
             if hessian:
-                H = layers.bce_hessian(X, linears[0].weight, linears[0].bias).double() * m
+                H = net.data_hessian(X, *batch[2:]).double() * m
                 h_sum = H if h_sum is None else h_sum + H
-            rows += m
+            total += m
 
     weight = linears[0].weight
-    if rows == 0:
+    if total == 0:
         loss_sum = weight.new_zeros((), dtype=torch.float64)
         grad_sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in net.named_parameters()}
         z_max = []
         if hessian:
-            n = weight.shape[1]
-            h_sum = weight.new_zeros((n + 1, n + 1), dtype=torch.float64)
-    scale = 1.0 / max(rows, 1)
+            N = sum(p.numel() for p in net.parameters())
+            h_sum = weight.new_zeros((N, N), dtype=torch.float64)
+    scale = 1.0 / total if total else 1.0
     dtype = weight.dtype
     weights = {id(layer.weight) for layer in linears}
     loss = (loss_sum * scale).to(dtype) + layers.l2_penalty([layer.weight for layer in linears], net.l2)
@@ -189,8 +214,8 @@ def full_batch(net, batches: Iterable[tuple[Tensor, Tensor]], hessian: bool = Fa
     for name, p in net.named_parameters():
         g = (grad_sums[name] * scale).to(dtype)
         gradients[name] = layers.l2_backward(g, p, net.l2) if id(p) in weights else g
-    H = None if h_sum is None else layers.l2_hessian((h_sum * scale).to(dtype), net.l2)
-    return StreamedPass(loss, gradients, z_max, rows, H)
+    H = None if h_sum is None else net.penalised_hessian((h_sum * scale).to(dtype))
+    return StreamedPass(loss, gradients, z_max, total, H)
 
 
 @contextlib.contextmanager

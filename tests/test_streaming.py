@@ -423,7 +423,7 @@ PEAK = textwrap.dedent("""
     base = status("VmRSS")
     for _ in range(3):
         out = full_batch(net, stream)
-    print(out.rows, (status("VmHWM") - base) * 1024)
+    print(int(out.rows), (status("VmHWM") - base) * 1024)
 """)
 
 
