@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 # DataError lives with the table reading that prediction shares; it is imported from here too
-from neuron_torch.tables import (DataError, feature_matrix, listing, numeric_column, read_frame,  # noqa: F401
-                                 refuse_nested)
+from neuron_torch.split import PARTS, Split
+from neuron_torch.tables import (PARQUET, DataError, feature_matrix, listing, numeric_column,  # noqa: F401
+                                 read_frame, refuse_nested)
 
 log = logging.getLogger("neuron_torch")
 
@@ -48,6 +49,13 @@ def breast_cancer() -> Table:
     names = [str(name) for name in bunch.feature_names]  # plain str: checkpoints load with weights_only
     return Table(bunch.data.astype(np.float64), bunch.target.astype(np.float64), names,
                  "breast_cancer", tuple(str(name) for name in bunch.target_names))
+
+
+def is_sharded(path: str) -> bool:
+    """Whether ``data.path`` names Parquet rows that may be streamed: a Parquet file, a folder or a glob."""
+    from pathlib import Path
+
+    return Path(path).is_dir() or any(c in path for c in "*?[") or Path(path).suffix.lower() in PARQUET
 
 
 def bundled(name: str) -> Table:
@@ -84,7 +92,8 @@ def generated(dataset: str, n_samples: int, n_features: int, noise: float, seed:
 
 
 def read_table(path: str, target: Optional[str], positive_label: Optional[str] = None,
-               features: Optional[list[str]] = None, weight_column: Optional[str] = None) -> Table:
+               features: Optional[list[str]] = None, weight_column: Optional[str] = None,
+               frame: Optional["pandas.DataFrame"] = None, source: Optional[str] = None) -> Table:
     """Read a CSV or Parquet file into features and class labels, rejecting what cannot be trained on.
 
     Parameters
@@ -101,6 +110,10 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
         Feature columns to use; default every column but ``target`` and ``weight_column``.
     weight_column : str, optional
         A column of non-negative sample weights (never a feature).
+    frame : DataFrame, optional
+        The rows, already read (the shards of a folder or glob); ``path`` then only names them.
+    source : str, optional
+        What messages call the table; ``path`` by default.
 
     Raises
     ------
@@ -109,7 +122,8 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
     """
     if target is None:
         raise DataError(f"{path}: set --data.target to the label column")
-    frame = read_frame(path)
+    frame = read_frame(path) if frame is None else frame
+    path = path if source is None else source
     if target not in frame.columns:
         raise DataError(f"{path}: no column {target!r} (columns: {listing(frame.columns)})")
     if weight_column is not None and weight_column not in frame.columns:
@@ -158,22 +172,37 @@ def _labels(column, path: str, name: str, positive_label: Optional[str]) -> tupl
     missing = column.isna().to_numpy()
     if missing.any():
         raise DataError(f"{path}: column {name!r}, row {int(np.argmax(missing)) + 1}: missing label")
-    values = list(pd.unique(column))
+    values, classes = label_classes(list(pd.unique(column)), len(column), path, name, positive_label)
+    y = column.map({value: i for i, value in enumerate(values)}).to_numpy(dtype=np.float64)
+    return y, classes
+
+
+def label_classes(values: list, rows: int, path: str, name: str, positive_label: Optional[str]
+                  ) -> tuple[list, tuple[str, ...]]:
+    """The classes of a label column's distinct ``values``: the values in class order, and their names.
+
+    Two values give labels 0 and 1 (``positive_label`` chooses 1; by default 1 of 0/1, True of booleans, the
+    larger value otherwise); k > 2 values give classes 0 … k − 1 in sorted order.
+
+    Raises
+    ------
+    DataError
+        Fewer than two values; more than :data:`MAX_CLASSES` or more than half of ``rows`` (not a label);
+        ``positive_label`` that is not a value, or given for k > 2 classes.
+    """
     numeric = all(isinstance(v, (int, float, np.integer, np.floating, bool, np.bool_)) for v in values)
-    values.sort(key=float if numeric else str)
+    values = sorted(values, key=float if numeric else str)
     if len(values) < 2:
         raise DataError(f"{path}: column {name!r} has {len(values)} distinct label value"
                         f"{'s' if len(values) != 1 else ''} ({listing(values)}); at least 2 are needed")
     if len(values) > 2:
-        if len(values) > MAX_CLASSES or len(values) > len(column) / 2:
-            raise DataError(f"{path}: column {name!r} has {len(values)} distinct values in {len(column)} rows: "
+        if len(values) > MAX_CLASSES or len(values) > rows / 2:
+            raise DataError(f"{path}: column {name!r} has {len(values)} distinct values in {rows} rows: "
                             "that is not a class label (set --data.target to the label column)")
         if positive_label is not None:
             raise DataError(f"{path}: data.positive_label is for a two-class label; column {name!r} has "
                             f"{len(values)} classes ({listing(values)})")
-        index = {value: i for i, value in enumerate(values)}
-        y = column.map(index).to_numpy(dtype=np.float64)
-        return y, tuple(str(v) for v in values)
+        return values, tuple(str(v) for v in values)
     if positive_label is None:
         positive = values[1]  # 1 of 0/1, True of booleans, the larger value otherwise
     else:
@@ -184,37 +213,33 @@ def _labels(column, path: str, name: str, positive_label: Optional[str]) -> tupl
                             f"{name!r} ({listing(values)})")
         positive = matches[0]
     negative = values[0] if positive is values[1] or positive == values[1] else values[1]
-    y = (column == positive).to_numpy(dtype=np.float64)
-    return y, (str(negative), str(positive))
+    return [negative, positive], (str(negative), str(positive))
 
 
-def class_weights(class_weight, classes: Sequence[str], y: np.ndarray,
-                  sample_weight: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+def class_weights(class_weight, classes: Sequence[str], totals: np.ndarray) -> Optional[np.ndarray]:
     """The weight of each class, with scikit-learn's meaning of ``class_weight``.
 
     Parameters
     ----------
     class_weight : None, "balanced" or dict of str to float
-        ``balanced`` gives class c the weight ``Σw / (k·Σ_{y=c} w)`` (``m / (k·m_c)`` unweighted); a mapping
-        gives the listed labels their weight and the others 1.
+        ``balanced`` gives class c the weight ``Σw / (k·Σ_{y=c} w)`` (``m / (k·m_c)`` unweighted), as
+        scikit-learn's ``compute_class_weight`` does with sample weights; a mapping gives the listed labels
+        their weight and the others 1.
     classes : sequence of str, length k
         The label of each class index.
-    y : ndarray, shape (m,)
-        Class indices of the rows the weights are fitted on (the training split).
-    sample_weight : ndarray, shape (m,), optional
+    totals : ndarray, shape (k,)
+        Each class's training rows, or their total sample weight.
 
     Returns
     -------
     ndarray, shape (k,), or None when ``class_weight`` is None
     """
-    from sklearn.utils.class_weight import compute_class_weight
-
+    check_class_weight(class_weight, classes)
     if class_weight is None:
         return None
-    check_class_weight(class_weight, classes)
     if isinstance(class_weight, str):  # every class has training rows (prepare checks), so none divides by 0
-        index = np.arange(len(classes))
-        return compute_class_weight("balanced", classes=index, y=y.astype(np.int64), sample_weight=sample_weight)
+        totals = np.asarray(totals, dtype=np.float64)
+        return totals.sum() / (len(classes) * totals)
     weights = np.ones(len(classes))
     for label, value in class_weight.items():
         weights[list(classes).index(str(label))] = float(value)
@@ -300,6 +325,18 @@ class BatchStream:
         return torch.randperm(self.X.shape[0], generator=generator).to(self.X.device)
 
 
+class StreamedBatches:
+    """The endless stream of full-batch updates over a streamed split: every item is the split itself, read
+    again chunk by chunk when the update iterates it."""
+
+    def __init__(self, streamed):
+        self.streamed = streamed
+
+    def __iter__(self) -> Iterator:
+        while True:
+            yield self.streamed
+
+
 class SingleBatch:
     """A loader of exactly one batch (a whole split, ``(X, Y)`` or ``(X, Y, W)``), for validation and test."""
 
@@ -352,6 +389,10 @@ class NeuronDataModule(L.LightningDataModule):
         Scale features to zero mean, unit variance with statistics of the training split only.
     batch_size : int, optional
         Rows per update; ``None`` is full-batch gradient descent.
+    memory_budget : str, optional
+        Bytes a Parquet table may take in memory (``2GB``, ``512MiB``; default a quarter of the machine's
+        memory). A table that fits is loaded; a larger one (a file, a folder of shards or a glob) is streamed
+        chunk by chunk in every update, with the same numbers.
     """
 
     def __init__(self, dataset: Dataset = "breast_cancer", path: Optional[str] = None,
@@ -359,7 +400,7 @@ class NeuronDataModule(L.LightningDataModule):
                  features: Optional[list[str]] = None, weight_column: Optional[str] = None,
                  n_samples: int = 1000, n_features: int = 20,
                  noise: float = 0.2, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
-                 standardize: bool = True, batch_size: Optional[int] = None):
+                 standardize: bool = True, batch_size: Optional[int] = None, memory_budget: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -372,13 +413,20 @@ class NeuronDataModule(L.LightningDataModule):
         if batch_size is not None and batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1 (or null for full batch), got {batch_size}")
         self._splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None
+        self.streamed = None  # a StreamedTable when the table is larger than the memory budget
 
     # the table, split and standardised (float64, CPU), computed once
     def prepare(self) -> None:
         if self._splits is not None:
             return
         hp = self.hparams
-        if hp.path is not None:
+        split = Split(hp.seed, hp.val_fraction, hp.test_fraction)
+        if hp.path is not None and is_sharded(hp.path):
+            table = self._sharded(hp.path, split)
+            if table is None:  # streamed: summarised, nothing loaded
+                self._splits = {}
+                return
+        elif hp.path is not None:
             table = read_table(hp.path, hp.target, hp.positive_label, hp.features, hp.weight_column)
         elif hp.dataset == "breast_cancer":
             table = breast_cancer()
@@ -390,25 +438,18 @@ class NeuronDataModule(L.LightningDataModule):
         self._feature_names = table.feature_names
 
         m = len(table.y)
-        n_val, n_test = math.ceil(m * hp.val_fraction), math.ceil(m * hp.test_fraction)
-        if m - n_val - n_test < 2:  # standardisation and learning need at least two training rows
+        # each row's split is a function of its index and the seed alone, so a streamed table splits alike
+        part = split.of(np.arange(m))
+        parts = {name: np.flatnonzero(part == code) for name, code in PARTS.items()}
+        n_val, n_test = len(parts["val"]), len(parts["test"])
+        if len(parts["train"]) < 2:  # standardisation and learning need at least two training rows
             raise DataError(f"{table.source}: {m} row{'s' if m != 1 else ''} are too few to split into train "
                             f"(at least 2 rows), val ({hp.val_fraction}) and test ({hp.test_fraction})")
-        order = np.random.default_rng(hp.seed).permutation(m)
-        parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
 
         X_train = table.X[parts["train"]]
         self.mean = X_train.mean(0) if hp.standardize else np.zeros(X_train.shape[1])
         self.std = X_train.std(0) if hp.standardize else np.ones(X_train.shape[1])
-        overflowed = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(self.std)))
-        if overflowed.size:  # values are bounded when read; this guards the generated tables too
-            raise DataError(f"{table.source}: column {table.feature_names[overflowed[0]]!r}: its mean or spread "
-                            "overflows float64; rescale the column")
-        constant = np.flatnonzero(self.std == 0)
-        if constant.size:
-            raise DataError(f"{table.source}: column {table.feature_names[constant[0]]!r} is constant on the "
-                            "training split and cannot be standardised; drop it (data.features) or set "
-                            "data.standardize false")
+        self._check_statistics(table.source)
         counts = np.bincount(table.y[parts["train"]].astype(np.int64), minlength=len(table.classes))
         if not counts.all():
             absent = int(np.argmin(counts))
@@ -424,15 +465,78 @@ class NeuronDataModule(L.LightningDataModule):
                          for name, rows in parts.items()}
         if table.weight is not None and not table.weight[parts["train"]].any():
             raise DataError(f"{table.source}: column {hp.weight_column!r}: every training row has weight 0")
-        if len(table.classes) == 2:
-            labels = (f"label 1 = {table.classes[1]!r}, 0 = {table.classes[0]!r}"
-                      + (f" (--data.positive_label {table.classes[0]} would make {table.classes[0]!r} label 1)"
-                         if hp.path else ""))
+        self._log_table(table.source, len(parts["train"]), n_val, n_test, table.classes)
+
+    def _log_table(self, source: str, n_train: int, n_val: int, n_test: int, classes: Sequence[str],
+                   streamed: str = "") -> None:
+        if len(classes) == 2:
+            labels = (f"label 1 = {classes[1]!r}, 0 = {classes[0]!r}"
+                      + (f" (--data.positive_label {classes[0]} would make {classes[0]!r} label 1)"
+                         if self.hparams.path else ""))
         else:
-            labels = f"{len(table.classes)} classes ({listing(table.classes)})"
-        log.info("data: %s, %d features; train/val/test %d/%d/%d rows%s; %s", table.source,
-                 len(self._feature_names), len(parts["train"]), n_val, n_test,
-                 "" if n_val and n_test else " (metrics without a hold-out are on the training rows)", labels)
+            labels = f"{len(classes)} classes ({listing(classes)})"
+        log.info("data: %s, %d features; train/val/test %d/%d/%d rows%s; %s%s", source,
+                 len(self._feature_names), n_train, n_val, n_test,
+                 "" if n_val and n_test else " (metrics without a hold-out are on the training rows)", labels,
+                 streamed)
+
+    def _sharded(self, path: str, split: Split) -> Optional[Table]:
+        """A Parquet file, folder of shards or glob: the loaded :class:`Table` when it fits the memory budget;
+        otherwise None, with the table summarised for streaming in :attr:`streamed`."""
+        from neuron_torch.budget import fits_in_memory, parse_memory_budget
+        from neuron_torch.shards import check_columns, open_shards
+        from neuron_torch.streamed_table import StreamedTable
+
+        hp = self.hparams
+        if hp.target is None:
+            raise DataError(f"{path}: set --data.target to the label column")
+        shards = open_shards(path)
+        others = [hp.target] + ([hp.weight_column] if hp.weight_column else [])
+        features = hp.features or [c for c in shards.columns if c not in others]
+        budget = parse_memory_budget(hp.memory_budget)
+        if fits_in_memory(shards.rows, len(features) + len(others), budget):
+            if len(shards.paths) == 1:
+                return read_table(shards.paths[0], hp.target, hp.positive_label, hp.features, hp.weight_column,
+                                  source=path)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            frame = pa.concat_tables([pq.read_table(shard) for shard in shards.paths]).to_pandas()
+            return read_table(path, hp.target, hp.positive_label, hp.features, hp.weight_column, frame=frame)
+        check_columns(shards, features, others)
+
+        def classes_of(values: list, rows: int):
+            return label_classes(values, rows, path, hp.target, hp.positive_label)
+
+        table = StreamedTable(shards, features, hp.target, hp.weight_column, split, budget, hp.standardize,
+                              classes_of)
+        self.streamed, self.table_source, self._classes = table, path, table.classes
+        self._feature_names = list(features)
+        self.mean, self.std = table.mean, table.std
+        self._check_statistics(path)
+        if not table.class_rows.all():
+            absent = int(np.argmin(table.class_rows))
+            raise DataError(f"{path}: class {table.classes[absent]!r} has no training rows: lower "
+                            "data.val_fraction and data.test_fraction, or change data.seed")
+        if hp.batch_size is not None:
+            raise DataError(f"{path}: data.batch_size with a table streamed from its shards is not supported; "
+                            "full-batch updates stream every row (raise data.memory_budget to load it)")
+        self._log_table(path, table.rows["train"], table.rows["val"], table.rows["test"], table.classes,
+                        f"; streamed in chunks of {table.chunk_rows} rows ({len(shards.paths)} shards, "
+                        f"{shards.rows} rows, over the memory budget)")
+        return None
+
+    def _check_statistics(self, source: str) -> None:
+        """Refuse standardisation statistics that overflowed or a column constant on the training rows."""
+        overflowed = np.flatnonzero(~(np.isfinite(self.mean) & np.isfinite(self.std)))
+        if overflowed.size:  # values are bounded when read; this guards the generated tables too
+            raise DataError(f"{source}: column {self._feature_names[overflowed[0]]!r}: its mean or spread "
+                            "overflows float64; rescale the column")
+        constant = np.flatnonzero(self.std == 0)
+        if constant.size:
+            raise DataError(f"{source}: column {self._feature_names[constant[0]]!r} is constant on the "
+                            "training split and cannot be standardised; drop it (data.features) or set "
+                            "data.standardize false")
 
     def _targets(self, y: np.ndarray) -> Tensor:
         """The network's labels for class indices ``y`` (m,): (m, 1) in {0, 1} for two classes, one-hot (m, k)."""
@@ -457,52 +561,95 @@ class NeuronDataModule(L.LightningDataModule):
         """The standardised ``(X, Y)`` of split ``name`` ("train", "val" or "test"), float64 on the CPU.
 
         ``Y`` is (m, 1) in {0, 1} for two classes, one-hot (m, k) for k. A split with no rows (its fraction
-        is 0) is the training split: metrics without a hold-out are taken on the rows trained on.
+        is 0) is the training split: metrics without a hold-out are taken on the rows trained on. A streamed
+        table gives its first :data:`~neuron_torch.streamed_table.SAMPLE_ROWS` rows (for the model's example
+        and the figures; training and metrics stream every row).
         """
         self.prepare()
+        if self.streamed is not None:
+            X, y, _ = self._sample(self.evaluated_on(name))
+            return torch.from_numpy((X - self.mean) / self.std), self._targets(y)
         return self._splits[self.evaluated_on(name)]
 
     def weights(self, name: str) -> Optional[Tensor]:
         """The sample weights (m, 1) of split ``name`` (``data.weight_column``), or None without one."""
         self.prepare()
+        if self.streamed is not None:
+            w = self._sample(self.evaluated_on(name))[2]
+            return None if w is None else torch.from_numpy(w).unsqueeze(1)
         return self._weights[self.evaluated_on(name)]
 
     def evaluated_on(self, name: str) -> str:
         """The split whose rows stand for ``name``: itself, or "train" when ``name`` holds no rows."""
         self.prepare()
-        return name if len(self._labels[name]) else "train"
+        rows = self.streamed.rows[name] if self.streamed is not None else len(self._labels[name])
+        return name if rows else "train"
 
     def labels(self, name: str) -> np.ndarray:
         """The class index of each row of split ``name``, shape (m,)."""
         self.prepare()
+        if self.streamed is not None:
+            return self._sample(self.evaluated_on(name))[1]
         return self._labels[self.evaluated_on(name)]
 
+    def class_totals(self) -> np.ndarray:
+        """Each class's training rows, or their total sample weight with ``data.weight_column``, shape (k,)."""
+        self.prepare()
+        if self.streamed is not None:
+            return self.streamed.class_totals
+        w = self._weights["train"]
+        return np.bincount(self._labels["train"].astype(np.int64), None if w is None else w[:, 0].numpy(),
+                           minlength=len(self._classes)).astype(np.float64)
+
     def raw_split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Split ``name`` as raw features ``X`` (m, n) and class indices ``y`` (m,), with the scaling undone."""
+        """Split ``name`` as raw features ``X`` (m, n) and class indices ``y`` (m,), with the scaling undone
+        (a streamed table's first rows, as :meth:`split`)."""
+        self.prepare()
+        if self.streamed is not None:
+            return self._sample(self.evaluated_on(name))[:2]
         X, _ = self.split(name)
         return X.numpy() * self.std + self.mean, self._labels[self.evaluated_on(name)]
+
+    def _sample(self, name: str) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """A streamed split's first rows, read once: raw features, class indices, sample weights."""
+        samples = self.__dict__.setdefault("_samples", {})
+        if name not in samples:
+            samples[name] = self.streamed.sample(name)
+        return samples[name]
 
     def setup(self, stage: str) -> None:
         self.prepare()
 
-    def _placed(self, name: str) -> tuple[Tensor, ...]:
+    def _placed(self, name: str, rank: int = 0, world: int = 1):
         """Split ``name`` as ``(X, Y)``, or ``(X, Y, W)`` with row weights, in the model's dtype and on its device
-        (moved once, not per step). ``W`` is the sample weight times the model's class weight."""
+        (moved once, not per step). ``W`` is the sample weight times the model's class weight. A streamed table
+        gives a :class:`~neuron_torch.streaming.StreamedSplit` of those chunks instead, of the rows of ``rank``
+        among ``world`` data-parallel ranks."""
         module = self.trainer.lightning_module
         param = next(module.parameters())
+        if self.streamed is not None:
+            from neuron_torch.shards import rank_pieces
+
+            pieces = rank_pieces(self.streamed.shards, rank, world) if world > 1 else None
+            class_weight = getattr(module, "class_weight", None)
+            return self.streamed.stream(self.evaluated_on(name), param.dtype, param.device, pieces,
+                                        None if class_weight is None else class_weight.numpy())
         X, Y = self.split(name)
         W = self.weights(name)
         if hasattr(module, "row_weights"):
             W = module.row_weights(torch.from_numpy(self._labels[self.evaluated_on(name)]), W)
-        return tuple(t.to(param.device, param.dtype) for t in (X, Y) + ((W,) if W is not None else ()))
-
-    def train_dataloader(self) -> BatchStream:
-        tensors = self._placed("train")
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        tensors = tuple(t.to(param.device, param.dtype) for t in (X, Y) + ((W,) if W is not None else ()))
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
             tensors = tuple(t[rank::world] for t in tensors)
+        return tensors
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        placed = self._placed("train", rank, world)
+        if self.streamed is not None:
+            return StreamedBatches(placed)
         # one batch per update: a run resumed at update k starts at batch k
-        return BatchStream(*tensors[:2], weight=tensors[2] if len(tensors) > 2 else None,
+        return BatchStream(*placed[:2], weight=placed[2] if len(placed) > 2 else None,
                            batch_size=self.hparams.batch_size, seed=self.hparams.seed,
                            position=self.trainer.global_step,
                            group=getattr(self.trainer.lightning_module, "updates_per_step", 1))

@@ -18,6 +18,7 @@ from neuron_torch.metrics import classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
 from neuron_torch.optim import StepFailed, make_update_rule
 from neuron_torch.stopping import GROWTH, LOSS_FLOOR, Stop
+from neuron_torch.streaming import StreamedSplit, full_batch
 
 log = logging.getLogger("neuron_torch")
 
@@ -165,9 +166,8 @@ class NeuronModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "mean"):
             self.feature_mean.copy_(torch.as_tensor(datamodule.mean))
             self.feature_std.copy_(torch.as_tensor(datamodule.std))
-        if datamodule is not None and self.hparams.class_weight is not None and hasattr(datamodule, "weights"):
-            y, w = datamodule.labels("train"), datamodule.weights("train")
-            fitted = class_weights(self.hparams.class_weight, self.classes, y, None if w is None else w[:, 0].numpy())
+        if datamodule is not None and self.hparams.class_weight is not None and hasattr(datamodule, "class_totals"):
+            fitted = class_weights(self.hparams.class_weight, self.classes, datamodule.class_totals())
             self.class_weight = torch.as_tensor(fitted, dtype=torch.float64)
 
     def row_weights(self, y: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
@@ -245,10 +245,10 @@ class NeuronModule(L.LightningModule):
     def _final_row(self, batch) -> Tensor:
         """The tracked row of the state training ended in: its loss, gradients and parameters, (1, columns).
         One more forward and backward pass, on the last update's batch; no update."""
-        bp = self.net.forward_backward(*batch)
+        bp, _, total = self._pass(batch)
         loss, grads = bp.loss, bp.gradients
         if self.trainer.world_size > 1:
-            loss, grads, _, _ = self._all_reduce(_batch_weight(batch), loss, grads)
+            loss, grads, _, _ = self._all_reduce(total, loss, grads)
         return self.net.tracked_rows(torch.stack([self.net.snapshot(loss, grads, bp)]))
 
     def _signalled(self) -> bool:
@@ -377,13 +377,11 @@ class NeuronModule(L.LightningModule):
         """One hand-written update on ``batch`` (``(X, Y)`` or ``(X, Y, W)``); returns the network's snapshot of
         the state it started from, whether the gradient norm there was under ``tol``, and (data-parallel only)
         the number of ranks that had been signalled to stop, summed with the gradients, on the device."""
-        bp = self.net.forward_backward(*batch)
+        bp, hessian, total = self._pass(batch, hessian=self.hparams.update_rule == "newton")
         loss, grads = bp.loss, bp.gradients
-        hessian = self.net.hessian(*batch[:1], *batch[2:]) if self.hparams.update_rule == "newton" else None
         flag = None
         if self.trainer.world_size > 1:
-            loss, grads, hessian, flag = self._all_reduce(_batch_weight(batch), loss, grads, hessian,
-                                                          stop=float(self._signalled()))
+            loss, grads, hessian, flag = self._all_reduce(total, loss, grads, hessian, stop=float(self._signalled()))
         # the state this update starts from: loss(w, b), the gradients and w, b themselves
         snapshot, converged = self.net.snapshot(loss, grads, bp), False
         if self.hparams.tol > 0:  # the gradient norm is read on the host only when it can stop training
@@ -401,6 +399,15 @@ class NeuronModule(L.LightningModule):
         if converged:
             self.converged_at = self.global_step  # the updates run, this one included
         return snapshot, converged, flag
+
+    def _pass(self, batch, hessian: bool = False) -> tuple:
+        """The forward and backward pass of one update: ``(BackwardPass, Hessian or None, what its means are
+        over)``. ``batch`` is ``(X, Y)``, ``(X, Y, W)`` or a streamed split, summed chunk by chunk."""
+        if isinstance(batch, StreamedSplit):
+            streamed = full_batch(self.net, batch, hessian)
+            return streamed, streamed.hessian, streamed.rows
+        bp = self.net.forward_backward(*batch)
+        return bp, self.net.hessian(*batch[:1], *batch[2:]) if hessian else None, _batch_weight(batch)
 
     def _all_reduce(self, m: Tensor | float, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None,
                     stop: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor], Tensor]:
@@ -445,16 +452,21 @@ class NeuronModule(L.LightningModule):
                           f"{self.global_step} updates; raise trainer.max_steps or the learning rate",
                           ConvergenceWarning, stacklevel=1)
 
-    def _evaluate(self, batch: tuple[Tensor, ...], metrics: MetricCollection, stage: str) -> None:
-        X, Y, *weight = batch
-        Z = self.net.logits(X)  # (m, 1) or (m, k)
+    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
         head = layers.OUTPUTS[self.net.output]
+        loss_sum, total = 0.0, 0.0
+        # a loaded split is one batch; a streamed one is read chunk by chunk, its loss a mean over every row
+        for X, Y, *weight in (batch if isinstance(batch, StreamedSplit) else [batch]):
+            Z = self.net.logits(X)  # (m, 1) or (m, k)
+            m = weight[0].sum() if weight else X.shape[0]
+            loss_sum = loss_sum + head.loss(Z, Y, *weight) * m
+            total = total + m
+            if Y.shape[1] == 1:
+                metrics.update(head.forward(Z).squeeze(1), Y.squeeze(1).long())
+            else:
+                metrics.update(head.forward(Z), Y.argmax(1))
         # every rank evaluates the whole split, so syncing only averages equal values
-        self.log(f"{stage}/loss", head.loss(Z, Y, *weight), prog_bar=stage == "val", sync_dist=True)
-        if Y.shape[1] == 1:
-            metrics.update(head.forward(Z).squeeze(1), Y.squeeze(1).long())
-        else:
-            metrics.update(head.forward(Z), Y.argmax(1))
+        self.log(f"{stage}/loss", loss_sum / total, prog_bar=stage == "val", sync_dist=True)
         self.log_dict(metrics, prog_bar=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -148,7 +148,7 @@ def sklearn_fit(X, y, l2, sample_weight=None, class_weight=None):
     s = np.ones(len(y)) if sample_weight is None else sample_weight
     if class_weight is not None:
         k = int(y.max()) + 1
-        s = s * class_weights(class_weight, [str(c) for c in range(k)], y.astype(np.float64), s)[y]
+        s = s * class_weights(class_weight, [str(c) for c in range(k)], np.bincount(y, s, minlength=k))[y]
     C = 1.0 / (l2 * s.sum())
     return LogisticRegression(C=C, class_weight=class_weight, tol=1e-12, max_iter=100_000).fit(
         X, y, sample_weight=sample_weight)
@@ -180,7 +180,7 @@ def test_weighted_fit_equals_sklearn(name, class_weight):
     sample_weight = rng.integers(0, 4, len(y)).astype(np.float64)  # zeros included: those rows drop out
     k = int(y.max()) + 1
     classes = [str(c) for c in range(k)]
-    per_class = class_weights(class_weight, classes, y.astype(np.float64), sample_weight)
+    per_class = class_weights(class_weight, classes, np.bincount(y, sample_weight, minlength=k))
     l2 = 0.02
     net, Xt = newton_fit(X, y, l2, sample_weight * per_class[y])
     clf = sklearn_fit(X, y, l2, sample_weight,
