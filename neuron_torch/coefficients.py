@@ -65,7 +65,8 @@ WORK_LIMIT = 5e10
 
 def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: Sequence[str], mean, std,
                       X: Tensor, Y: Tensor, weight: Optional[Tensor] = None,
-                      converged: Optional[bool] = None) -> "pandas.DataFrame":
+                      converged: Optional[bool] = None, without_errors: Optional[str] = None
+                      ) -> "pandas.DataFrame":
     """Estimates on the original feature scale, with standard errors, z, p-values and 95 % intervals.
 
     Parameters
@@ -84,6 +85,8 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
         Labels in {0, 1} (two classes) or one-hot (k classes).
     weight : Tensor, shape (m, 1), optional
         Sample weights of the training, taken as frequency weights.
+    without_errors : str, optional
+        Why no standard errors are taken (estimates only); the table's status says it.
     converged : bool, optional
         Whether the training met its ``tol``: False gives no standard errors (the table says so). Either way
         the estimate must be within ``STEP_LIMIT`` standard errors of the optimum.
@@ -123,7 +126,9 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
     else:  # the identifiable parameters: contrasts against class 0
         estimate, labels, reference = raw[1:] - raw[0], [str(c) for c in classes[1:]], str(classes[0])
 
-    if penalised:
+    if without_errors is not None:
+        cov, status = None, without_errors
+    elif penalised:
         cov, status = None, (f"L2 penalty {net.l2:g}: no standard errors (the inverse Hessian of a penalised "
                              "loss is not the estimates' covariance); estimates only")
     else:
@@ -252,6 +257,11 @@ def table_from_module(module, datamodule) -> Optional["pandas.DataFrame"]:
     or None for a network with hidden layers (it has no coefficients)."""
     if not isinstance(module.net, LinearModel):
         return None
+    if getattr(datamodule, "streamed", None) is not None:  # rows are not all in memory: estimates only
+        X, Y = datamodule.split("train")
+        return coefficient_table(module.net, module.feature_names, list(module.classes), module.feature_mean,
+                                 module.feature_std, X, Y, without_errors="no standard errors for a table "
+                                 "streamed from its shards; estimates only")
     X, Y = datamodule.split("train")
     weights = getattr(datamodule, "weights", None)
     weight = weights("train") if callable(weights) else None

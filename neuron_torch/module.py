@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from neuron_torch import layers
-from neuron_torch.data import BatchGroup, check_class_weight, class_weights
+from neuron_torch.data import BatchGroup, DataError, check_class_weight, class_weights
 from neuron_torch.metrics import classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
 from neuron_torch.optim import StepFailed, make_update_rule
@@ -227,6 +227,9 @@ class NeuronModule(L.LightningModule):
                 snapshot, converged, flag = self._update(batch, parameters, optimizer, schedule)
             except StepFailed as err:  # Newton: no step can be computed from this state
                 failed = str(err)
+                break
+            except DataError as err:  # a streamed shard gone or corrupt: the updates before it stand
+                self.stop = Stop("failed", f"{err} (during update {self.global_step + 1})")
                 break
             snapshots.append(snapshot)
             flags.append(flag)
@@ -466,8 +469,9 @@ class NeuronModule(L.LightningModule):
             else:
                 metrics.update(head.forward(Z), Y.argmax(1))
         # every rank evaluates the whole split, so syncing only averages equal values
-        self.log(f"{stage}/loss", loss_sum / total, prog_bar=stage == "val", sync_dist=True)
-        self.log_dict(metrics, prog_bar=False)
+        # batch_size 1: the split is one batch however it was read (Lightning would guess from the tensors)
+        self.log(f"{stage}/loss", loss_sum / total, prog_bar=stage == "val", sync_dist=True, batch_size=1)
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")

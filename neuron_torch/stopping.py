@@ -37,14 +37,20 @@ class Interrupted(SystemExit):
         return signal.Signals(self.signum).name
 
 
-class Diverged(RuntimeError):
+class Failed(RuntimeError):
+    """Training stopped on an error the user can act on (a shard gone or corrupt mid-run, divergence); the run
+    ends FAILED with the message, and the checkpoint holds the last completed update."""
+
+
+class Diverged(Failed):
     """Training diverged (a non-finite value, or the loss growing past :data:`GROWTH` times its start under
     ``model.divergence: stop``); the checkpoint holds the last finite state."""
 
 
 @dataclass
 class Stop:
-    """Why a training step stopped early: ``kind`` is ``"interrupted"`` or ``"diverged"``."""
+    """Why a training step stopped early: ``kind`` is ``"interrupted"``, ``"diverged"`` or ``"failed"`` (the
+    data could not be read)."""
 
     kind: str
     message: str = ""
@@ -140,5 +146,5 @@ class StopTraining(L.Callback):
         trainer.save_checkpoint(path)  # every rank calls it (a barrier under DDP); rank 0 writes
         if stop.kind == "interrupted":
             raise Interrupted(stop.signum, str(path), step)
-        raise Diverged(f"{stop.message}; the state before it ({step} update{'s' * (step != 1)}) is in "
-                       f"{path}")
+        kept = f"the state before it ({step} update{'s' * (step != 1)}) is in {path}"
+        raise (Diverged if stop.kind == "diverged" else Failed)(f"{stop.message}; {kept}")

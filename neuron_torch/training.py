@@ -58,7 +58,7 @@ def train(args: Optional[list[str]] = None) -> int:
                 _release_process_group()
         except stopping.Interrupted as stop:
             return stop.code
-        except stopping.Diverged:
+        except stopping.Failed:
             return 1  # rank 0 reports it
         return 0
 
@@ -129,7 +129,7 @@ def train(args: Optional[list[str]] = None) -> int:
             raise
         print(_interrupted(stop, run.run_id, argv, trainer.max_steps), file=sys.stderr)
         return stop.code
-    except stopping.Diverged as err:  # the run is FAILED with the reason in its error tag
+    except stopping.Failed as err:  # diverged, or the data became unreadable: FAILED, the reason in its error tag
         return user_error(err)
     except (SystemExit, KeyboardInterrupt):
         if getattr(run, "status", None) == "KILLED":
