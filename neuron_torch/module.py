@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 
-from neuron_torch import layers
+from neuron_torch import cuda_graphs, layers
 from neuron_torch.data import BatchGroup, DataError, check_class_weight, class_weights
 from neuron_torch.metrics import classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
@@ -147,6 +147,7 @@ class NeuronModule(L.LightningModule):
         self.stop: Optional[Stop] = None  # set by a training step that stopped early (signal or divergence)
         self.stop_signals = None  # neuron_torch.stopping.StopSignals while a run's handlers are armed
         self._loss_start: Optional[Tensor] = None  # the loss the growth check compares with, on the device
+        self._graphed: Optional[tuple] = None  # (batch, cuda_graphs.GraphedUpdates) of a CUDA-graphed step
         self._growth_warned = False
 
     # --- what the tracker records per update --------------------------------------------------------------
@@ -219,7 +220,10 @@ class NeuronModule(L.LightningModule):
         start = self._state(optimizer, schedule)  # what a failed check rolls back to
         snapshots, flags, failed = [], [], None
         distributed = self.trainer.world_size > 1
-        for batch in batches[:n_updates]:
+        graphed = self._graphed_updates(batches, n_updates, parameters, optimizer, schedule)
+        if graphed is not None:
+            snapshots, flags = graphed, [None] * len(graphed)
+        for batch in batches[:n_updates] if graphed is None else []:
             if not distributed and self._signalled():  # a Python flag: no host sync
                 self.stop = Stop("interrupted", signum=self.stop_signals.signum)
                 break
@@ -244,6 +248,33 @@ class NeuronModule(L.LightningModule):
             # where training ended, not at the state the last update started from
             last = batches[max(len(self.tracked_rows), 1) - 1]
             self.tracked_rows = torch.cat([self.tracked_rows, self._final_row(last)])
+
+    def _graphed_updates(self, batches: list, n_updates: int, parameters: dict, optimizer, schedule
+                         ) -> Optional[list[Tensor]]:
+        """The step's updates replayed from a CUDA graph, when the set-up gives the same numbers that way (one
+        full batch on CUDA, gd, momentum or Nesterov, no schedule, no ``tol``, one process; see
+        :mod:`neuron_torch.cuda_graphs`): their snapshots, one per update. None otherwise: run them one by one.
+
+        On a small table an update is a few kernels of microseconds each; the graph launches a step's k updates
+        at once. A stop signal is then seen once per training step instead of once per update.
+        """
+        batch = batches[0]
+        if (n_updates < 2 or n_updates != self.updates_per_step or not isinstance(batch, tuple)
+                or any(other is not batch for other in batches) or self._signalled()
+                or not cuda_graphs.capturable(parameters.values(), optimizer.optimizer, schedule=schedule,
+                                              world_size=self.trainer.world_size, host_reads=self.hparams.tol > 0)):
+            return None
+        if self._graphed is None or self._graphed[0] is not batch:
+            inner = optimizer.optimizer
+            self._graphed = (batch, cuda_graphs.GraphedUpdates(cuda_graphs.neuron_update(self.net, inner, *batch),
+                                                               n_updates, cuda_graphs.watched(self.net, inner, *batch)))
+        snapshots = self._graphed[1]()  # (k, s)
+        # a replay runs the rule's kernels without Lightning's optimizer wrapper: count the updates here
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for _ in range(n_updates):
+            progress.increment_ready()
+            progress.increment_completed()
+        return list(snapshots)
 
     def _final_row(self, batch) -> Tensor:
         """The tracked row of the state training ended in: its loss, gradients and parameters, (1, columns).

@@ -83,3 +83,34 @@ def test_what_can_be_captured():
     assert not capturable(net.parameters(), rule, schedule=object())
     assert not capturable(net.parameters(), rule, world_size=2)
     assert not capturable(net.parameters(), rule, host_reads=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", ["gd", "momentum"])
+def test_lightning_steps_replayed_from_a_graph_equal_single_updates(rule, tmp_path):
+    """Through Lightning (no tracking): 10 updates per step, graphed, give the trajectory of 1 update per step."""
+    import lightning as L
+
+    from neuron_torch.data import NeuronDataModule
+    from neuron_torch.module import NeuronModule
+
+    rows = []
+    for k in (10, 1):
+        data = NeuronDataModule()
+        module = NeuronModule(data.feature_names, data.classes, update_rule=rule, learning_rate=0.1,
+                              updates_per_step=k)
+        seen = []
+
+        class Rows(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append(pl_module.tracked_rows.cpu())
+
+        trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=40, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[Rows()], default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 40
+        rows.append(torch.cat(seen))
+        if k > 1:
+            assert module._graphed is not None and module._graphed[1].captures == 1  # captured once, replayed
+    torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)
