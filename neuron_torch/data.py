@@ -393,6 +393,10 @@ class NeuronDataModule(L.LightningDataModule):
         Bytes a Parquet table may take in memory (``2GB``, ``512MiB``; default a quarter of the machine's
         memory). A table that fits is loaded; a larger one (a file, a folder of shards or a glob) is streamed
         chunk by chunk in every update, with the same numbers.
+    dtype : {"model", "bfloat16"}
+        How the training rows' ``X`` is stored on the device: in the parameters' dtype, or as bfloat16 (CUDA,
+        float32 parameters, the single neuron's fused kernel), which halves the bytes every update reads; the
+        kernel accumulates in float32. Validation and test rows keep the parameters' dtype.
     """
 
     def __init__(self, dataset: Dataset = "breast_cancer", path: Optional[str] = None,
@@ -400,7 +404,8 @@ class NeuronDataModule(L.LightningDataModule):
                  features: Optional[list[str]] = None, weight_column: Optional[str] = None,
                  n_samples: int = 1000, n_features: int = 20,
                  noise: float = 0.2, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
-                 standardize: bool = True, batch_size: Optional[int] = None, memory_budget: Optional[str] = None):
+                 standardize: bool = True, batch_size: Optional[int] = None, memory_budget: Optional[str] = None,
+                 dtype: Literal["model", "bfloat16"] = "model"):
         super().__init__()
         self.save_hyperparameters()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -639,6 +644,11 @@ class NeuronDataModule(L.LightningDataModule):
         if hasattr(module, "row_weights"):
             W = module.row_weights(torch.from_numpy(self._labels[self.evaluated_on(name)]), W)
         tensors = tuple(t.to(param.device, param.dtype) for t in (X, Y) + ((W,) if W is not None else ()))
+        if name == "train" and self.hparams.dtype != "model":  # X rounded once here, never per update
+            from neuron_torch.fused_triton import storage_dtype
+
+            tensors = (X.to(param.device, storage_dtype(self.hparams.dtype, param.dtype, param.device)),
+                       *tensors[1:])
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
             tensors = tuple(t[rank::world] for t in tensors)
         return tensors

@@ -320,8 +320,8 @@ class SingleNeuron(LinearModel):
         linear = self.linear
         w = linear.weight
         out = fused_pass.neuron_pass(X, Y, w, linear.bias) if self.fused and weight is None else None
-        if out is None:
-            return super().forward_backward(X, Y, weight)
+        if out is None:  # bfloat16 X (data.dtype) meets float32 parameters in their dtype there
+            return super().forward_backward(X if X.dtype == w.dtype else X.to(w.dtype), Y, weight)
         loss, dw, db = out  # (), (1, n), (1,): the mean cross-entropy and its gradients, no penalty yet
         if self.l2:  # the same penalty and gradient as the reference path (adding 0 would only cost time)
             with torch.no_grad():

@@ -77,6 +77,9 @@ def train(args: Optional[list[str]] = None) -> int:
     problem = store.check_locations(uri, settings.experiment, store.checkpoint_folder(trainer))
     if problem:
         return user_error(problem)
+    problem = _storage_problem(data, model, trainer)
+    if problem:
+        return user_error(problem)
     sweep: SweepSettings = cli.config_init.sweep
     if sweep.grid:
         return _sweep(cli, sweep, argv, uri, tags)
@@ -150,6 +153,26 @@ def train(args: Optional[list[str]] = None) -> int:
     if coefficients is not None and len(coefficients) <= 20:  # a longer table is read from coefficients.csv
         print(format_table(coefficients))
     return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
+
+
+def _storage_problem(data, model, trainer) -> Optional[str]:
+    """Why ``data.dtype`` cannot apply to this run (before the run exists), or None."""
+    if getattr(data.hparams, "dtype", "model") == "model":
+        return None
+    from neuron_torch.fused_triton import storage_dtype
+    from neuron_torch.networks import SingleNeuron
+
+    import torch
+
+    param_dtype = torch.float64 if str(trainer.precision).startswith("64") else torch.float32
+    try:
+        storage_dtype(data.hparams.dtype, param_dtype, trainer.strategy.root_device)
+    except ValueError as err:
+        return str(err)
+    if not isinstance(model.net, SingleNeuron) or data.hparams.weight_column or model.hparams.class_weight:
+        return (f"data.dtype {data.hparams.dtype!r} is read by the single neuron's fused kernel, without row "
+                "weights; this run's network or weights would convert X on every update: use data.dtype 'model'")
+    return None
 
 
 def _release_process_group() -> None:

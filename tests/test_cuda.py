@@ -132,3 +132,22 @@ def test_gpu_run_finishes_and_matches_the_cpu(precision, dtype, atol, tracking_u
     np.testing.assert_allclose(weights[0]["weight"], weights[1]["weight"], atol=atol)
     np.testing.assert_allclose(weights[0]["bias"], weights[1]["bias"], atol=atol)
     assert [r.info.status for r in runs_of(tracking_uri)] == ["FINISHED", "FINISHED"]
+
+
+def test_bfloat16_storage_trains_like_float32(tmp_path):
+    """X stored as bfloat16 (data.dtype) through Lightning: the loss and accuracy of float32 storage, within
+    bfloat16's rounding of the inputs (8 bits of mantissa: relative 2⁻⁸ per value)."""
+    pytest.importorskip("sklearn", reason="the breast-cancer table comes from scikit-learn")
+    from neuron_torch.data import NeuronDataModule
+    from neuron_torch.module import NeuronModule
+
+    results = {}
+    for dtype in ("model", "bfloat16"):
+        data = NeuronDataModule(dtype=dtype)
+        module = NeuronModule(data.feature_names, data.classes, learning_rate=0.5, updates_per_step=10)
+        trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=300, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=data)
+        results[dtype] = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert abs(results["bfloat16"]["test/loss"] - results["model"]["test/loss"]) < 0.01
+    assert abs(results["bfloat16"]["test/accuracy"] - results["model"]["test/accuracy"]) <= 0.02

@@ -110,3 +110,14 @@ def test_weighted_newton_run_equals_sklearn(tracking_uri, runs_of, write_table):
     model = neuron_torch.load_model(f"runs:/{run.info.run_id}/model", tracking_uri)
     probability = model.predict_proba(frame[["a", "b", "c", "d"]])
     np.testing.assert_allclose(np.ravel(probability), clf.predict_proba(X)[:, 1], rtol=0, atol=1e-4)
+
+
+def test_bfloat16_storage_is_refused_where_no_kernel_reads_it(tracking_uri, runs_of, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine bfloat16 storage applies")
+    code = exit_code(["--data.dtype", "bfloat16", *SHORT])
+    assert code == 2
+    conftest.one_error_line(capsys.readouterr().err, "data.dtype 'bfloat16'", "CUDA")
+    assert runs_of(tracking_uri) == []
