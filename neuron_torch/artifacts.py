@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,17 +15,31 @@ if TYPE_CHECKING:
 
 
 def weight_table(module) -> "pandas.DataFrame":
-    """The trained parameters as a table: ``feature, weight, bias`` for the single neuron; one row per entry
-    (``parameter, row, column, value``) for deeper networks."""
+    """The trained parameters as a table.
+
+    Returns
+    -------
+    DataFrame
+        Single neuron: ``feature, weight, bias``, one row per feature (n rows). Multinomial regression (k
+        classes, no hidden layer): ``class, feature, weight, bias``, one row per class and feature (k·n rows,
+        class by class), ``bias`` the class's. Deeper networks: one row per entry, ``parameter, row, column,
+        value``.
+    """
     import pandas as pd
 
-    from neuron_torch.networks import SingleNeuron
+    from neuron_torch.networks import SingleNeuron, SoftmaxRegression
 
     net = module.net
     if isinstance(net, SingleNeuron):
         w = net.linear.weight.detach().double().cpu().numpy()[0]
         b = float(net.linear.bias.detach().double().cpu())
         return pd.DataFrame({"feature": module.feature_names, "weight": w, "bias": b})
+    if isinstance(net, SoftmaxRegression):
+        W = net.linear.weight.detach().double().cpu().numpy()  # (k, n)
+        b = net.linear.bias.detach().double().cpu().numpy()  # (k,)
+        k, n = W.shape
+        return pd.DataFrame({"class": np.repeat(module.classes, n), "feature": np.tile(module.feature_names, k),
+                             "weight": W.reshape(-1), "bias": np.repeat(b, n)})
     rows = []
     for name, p in net.named_parameters():
         values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
@@ -33,7 +47,7 @@ def weight_table(module) -> "pandas.DataFrame":
     return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
 
 
-def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
+def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: Sequence[str], config_yaml: str,
               register_as: Optional[str] = None) -> None:
     """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
 
@@ -45,10 +59,10 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     run : TrackedRun
     module : NeuronModule
         The trained module: weights, standardisation statistics, feature names and hyperparameters.
-    X_example : ndarray, shape (k, n)
+    X_example : ndarray, shape (r, n)
         A few raw rows, for the input example and the signature.
-    classes : tuple of str
-        The label values mapped to 0 and to 1.
+    classes : sequence of str, length k
+        The label of each class index (for two classes the labels mapped to 0 and to 1).
     config_yaml : str
         The resolved config, kept with the model as ``config.yaml``.
     register_as : str, optional
@@ -59,15 +73,21 @@ def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: tuple[str
     run.log_model_files(folder, register_as)
 
 
-def save_model_files(module, X_example: np.ndarray, classes: tuple[str, str], config_yaml: str,
+def save_model_files(module, X_example: np.ndarray, classes: Sequence[str], config_yaml: str,
                      folder: Path) -> None:
     """Write what :func:`log_model_files` logs: ``weights.pt``, ``meta.json``, ``config.yaml``,
-    ``input_example.parquet`` and ``signature.json``, all plain data."""
+    ``input_example.parquet`` and ``signature.json``, all plain data.
+
+    The signature's output is what the pyfunc model returns: the probability of label 1, shape (r,), for two
+    classes; the columns ``probability_<label>``, shape (r, k), for k classes.
+    """
     import json
 
     import pandas as pd
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from neuron_torch.loading import probability_columns
 
     hp = module.hparams
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +101,9 @@ def save_model_files(module, X_example: np.ndarray, classes: tuple[str, str], co
     example = pd.DataFrame(X_example, columns=module.feature_names)
     with torch.no_grad():
         X = (torch.from_numpy(X_example).to(module.feature_mean) - module.feature_mean) / module.feature_std
-        probability = module.net(X.to(next(module.net.parameters()).dtype))[:, 0].double().cpu().numpy()
+        A = module.net(X.to(next(module.net.parameters()).dtype)).double().cpu().numpy()  # (r, 1) or (r, k)
+    columns = probability_columns(classes)
+    probability = A[:, 0] if len(classes) == 2 else pd.DataFrame(A, columns=columns)
     example.to_parquet(folder / "input_example.parquet", index=False)  # exact floats, column order kept
     # inputs typed "any": MLflow refuses an int64 column against a double spec before the model sees it
     # (and passes NaN through); the model checks every value itself, as training does (tables.feature_matrix)
@@ -119,7 +141,12 @@ def log_model_files(tracking_uri: str, run_id: str, folder: Path, register_as: O
 
 def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) -> None:
     """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
-    for two-feature data, as PNG artifacts under ``plots/``."""
+    for two-feature data, as PNG artifacts under ``plots/``.
+
+    Two classes: one ROC curve of label 1, a 2×2 confusion matrix at threshold 0.5. k classes: one-vs-rest ROC
+    curves (one per class present among the test rows with some rows of other classes), a k×k confusion
+    matrix of the most probable class.
+    """
     import pandas as pd
 
     from neuron_torch import plots
@@ -129,10 +156,13 @@ def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) ->
         run.log_figure(plots.loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
         run.log_figure(plots.trajectories(history), "plots/trajectories.png")
     X_raw, y = datamodule.raw_split("test")
-    probability = module.predict_proba(torch.from_numpy(X_raw))[:, 0].double().cpu().numpy()
-    if len(np.unique(y)) == 2:  # a ROC curve needs both labels among the test rows
-        run.log_figure(plots.roc_curve(y, probability), "plots/roc.png")
-    run.log_figure(plots.confusion_matrix(y, probability, datamodule.classes), "plots/confusion_matrix.png")
+    probability = module.predict_proba(torch.from_numpy(X_raw)).double().cpu().numpy()  # (m, 1) or (m, k)
+    classes = list(datamodule.classes)
+    if len(classes) == 2:
+        probability = probability[:, 0]  # (m,) of label 1
+    if len(np.unique(y)) >= 2:  # a ROC curve needs positives and negatives among the test rows
+        run.log_figure(plots.roc_curve(y, probability, classes), "plots/roc.png")
+    run.log_figure(plots.confusion_matrix(y, probability, classes), "plots/confusion_matrix.png")
     if len(module.feature_names) == 2:
-        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names),
-                       "plots/decision_boundary.png")
+        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names,
+                                               classes), "plots/decision_boundary.png")

@@ -13,7 +13,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +39,11 @@ class NeuronPredictor:
     Parameters
     ----------
     net : HandBackprop
-        The network (float64, eval mode), weights already loaded.
+        The network (float64, eval mode), weights already loaded: one sigmoid output unit for two classes,
+        k softmax units for k > 2.
     meta : dict
-        ``feature_names`` (n), ``classes`` (the labels mapped to 0 and to 1), ``feature_mean`` and
-        ``feature_std`` (n each): what ``meta.json`` holds.
+        ``feature_names`` (n), ``classes`` (the label of each class index: for two classes the labels mapped to
+        0 and to 1), ``feature_mean`` and ``feature_std`` (n each): what ``meta.json`` holds.
     config : dict, optional
         The training run's resolved config (``config.yaml``), for reference.
     """
@@ -55,23 +56,35 @@ class NeuronPredictor:
         self.std = torch.tensor(meta["feature_std"], dtype=torch.float64)  # (n,)
         self.config = config
 
+    @property
+    def multiclass(self) -> bool:
+        """True for k > 2 classes (softmax output, probabilities (m, k)); False for the two-class sigmoid."""
+        return len(self.classes) > 2
+
+    def probability_columns(self) -> list[str]:
+        """Names of the probability columns this model's output has: ``probability`` (of ``classes[1]``) for
+        two classes, ``probability_<label>`` per class for k."""
+        return probability_columns(self.classes)
+
     def missing_columns(self, frame: "pandas.DataFrame") -> list[str]:
         """The model's feature columns that ``frame`` lacks, in the model's order."""
         return [name for name in self.features if name not in frame.columns]
 
     def predict_proba(self, frame: "pandas.DataFrame", source: str = "input") -> np.ndarray:
-        """Probability of ``classes[1]`` for each row.
+        """Probability of ``classes[1]`` for each row (two classes), or of every class (k classes).
 
         Parameters
         ----------
-        frame : DataFrame, shape (m, k)
+        frame : DataFrame, shape (m, c)
             Raw (unstandardised) features, matched by column name; other columns are ignored.
         source : str
             Where the rows came from, for messages (a file name).
 
         Returns
         -------
-        ndarray, shape (m,), float64
+        ndarray, float64
+            Shape (m,) for two classes; shape (m, k) for k > 2, column j the probability of ``classes[j]``
+            (each row sums to 1).
 
         Raises
         ------
@@ -92,23 +105,58 @@ class NeuronPredictor:
                             f"{len(self.features)}: {', '.join(self.features)}")
         X = torch.from_numpy(feature_matrix(frame, self.features, source))  # (m, n), the training checks
         with torch.no_grad():
-            probability = self.net((X - self.mean) / self.std)[:, 0].numpy()  # (m,)
-        undefined = np.isnan(probability)
+            A = self.net((X - self.mean) / self.std).numpy()  # (m, 1) sigmoid or (m, k) softmax
+        probability = A if self.multiclass else A[:, 0]  # binary callers have always had (m,)
+        undefined = np.isnan(probability.reshape(len(probability), -1)).any(axis=1)  # (m,)
         if undefined.any():  # finite inputs far outside the training range can still overflow a deep net
             raise DataError(f"{source}: row {int(np.argmax(undefined)) + 1}: the model's output is not a number "
                             "(the row's values are too far outside the training range)")
         return probability
 
     def predict(self, frame: "pandas.DataFrame", threshold: float = 0.5, source: str = "input") -> np.ndarray:
-        """The label of each row: ``classes[1]`` where the probability is at least ``threshold``.
+        """The label of each row: for two classes ``classes[1]`` where its probability is at least
+        ``threshold``; for k classes the most probable class (``threshold`` does not apply).
 
         Returns
         -------
         ndarray, shape (m,), object
-            The original label values (as strings, as training recorded them).
+            The original label values (as strings, as training recorded them; :func:`label_values` turns
+            numeric ones back into numbers).
         """
         probability = self.predict_proba(frame, source)
+        if self.multiclass:
+            return np.asarray(self.classes, dtype=object)[probability.argmax(axis=1)]
         return np.where(probability >= threshold, self.classes[1], self.classes[0]).astype(object)
+
+
+def probability_columns(classes: Sequence[str]) -> list[str]:
+    """``["probability"]`` (of ``classes[1]``) for two classes; ``probability_<label>`` per class for k > 2."""
+    if len(classes) == 2:
+        return ["probability"]
+    return [f"probability_{label}" for label in classes]
+
+
+def label_values(classes: Sequence[str]) -> list:
+    """The label of each class as the table held it: numbers when every label reads as one (``0``/``1``,
+    ``2``/``4``, ``1.5``), so a scored file holds ``4``, not ``"4"``; otherwise the strings.
+
+    Parameters
+    ----------
+    classes : sequence of str, length k
+        The labels as training recorded them (``meta.json``'s ``classes``).
+
+    Returns
+    -------
+    list, length k
+        ``int`` for whole numbers, ``float`` otherwise, or the strings unchanged.
+    """
+    try:
+        numbers = [float(label) for label in classes]
+    except ValueError:
+        return list(classes)
+    if not all(np.isfinite(numbers)):  # "nan" and "inf" read as floats but were text in the table
+        return list(classes)
+    return [int(v) if v.is_integer() else v for v in numbers]
 
 
 def load_model(uri: str, tracking_uri: Optional[str] = None) -> NeuronPredictor:
@@ -126,7 +174,7 @@ def load_model(uri: str, tracking_uri: Optional[str] = None) -> NeuronPredictor:
     Returns
     -------
     NeuronPredictor
-        ``predict_proba(frame)`` (m,) and ``predict(frame)`` (original labels).
+        ``predict_proba(frame)``, (m,) for two classes or (m, k), and ``predict(frame)`` (original labels).
 
     Raises
     ------
@@ -144,13 +192,16 @@ def predictor_from_files(weights: str, meta: str, config: Optional[str] = None) 
 
 
 def network_from_meta(meta: dict) -> torch.nn.Module:
-    """An untrained network of the shape ``meta`` describes, built from the installed package."""
-    from neuron_torch.networks import DeepNetwork, SingleNeuron
+    """An untrained network of the shape ``meta`` describes, built from the installed package: one sigmoid
+    unit for two classes, k softmax units for k (:func:`neuron_torch.networks.build_network`)."""
+    from neuron_torch.networks import build_network
 
-    n = len(meta["feature_names"])
-    if meta.get("hidden_sizes"):
-        return DeepNetwork(n, [int(k) for k in meta["hidden_sizes"]], meta["activation"], init="xavier")
-    return SingleNeuron(n)
+    n, k = len(meta["feature_names"]), len(meta["classes"])
+    hidden = [int(size) for size in meta.get("hidden_sizes") or []]
+    # the initialisation does not matter: weights.pt overwrites every parameter
+    if hidden:
+        return build_network(n, k, hidden, meta["activation"], init="xavier")
+    return build_network(n, k)
 
 
 def _from_files(where: str, weights: Path, meta: Path, config: Optional[Path]) -> NeuronPredictor:
@@ -193,8 +244,10 @@ def _check_meta(meta: Any) -> None:
     names, classes = meta["feature_names"], meta["classes"]
     if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
         raise ValueError("feature_names must be a non-empty list of strings")
-    if not (isinstance(classes, list) and len(classes) == 2):
-        raise ValueError("classes must hold two labels")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise ValueError("classes must be a list of at least two labels (strings)")
+    if len(set(classes)) != len(classes):
+        raise ValueError("classes holds a label twice")
     for key in ("feature_mean", "feature_std"):
         values = meta[key]
         if not (isinstance(values, list) and len(values) == len(names)

@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from neuron_torch.console import log, setup_logging, user_error
 
-OUTPUT_COLUMNS = ("probability", "prediction")
+PREDICTION = "prediction"  # the column of predicted labels, for every model
 
 
 def predict(args: Optional[list[str]] = None) -> int:
-    """Score a table: the input rows plus ``probability`` (of label 1) and ``prediction`` (the label).
+    """Score a table: the input rows plus the predicted probabilities and ``prediction`` (the label).
+
+    Two classes add ``probability`` (of label 1) and ``prediction`` (label 1 where the probability is at least
+    ``--threshold``); k classes add ``probability_<label>`` per class (each row sums to 1) and ``prediction``,
+    the most probable class. Predictions are the original label values; numeric labels stay numbers.
 
     The model is read by :func:`neuron_torch.load_model` (tensors, JSON and YAML only), and the rows are
     checked as training checks them (:func:`neuron_torch.tables.feature_matrix`). Returns the exit code.
@@ -24,52 +30,84 @@ def predict(args: Optional[list[str]] = None) -> int:
                         help="model URI: runs:/<run id>/model, models:/<name>/<version> or a local model folder")
     parser.add_argument("--input", required=True, help="CSV, TSV or Parquet file with the model's feature columns")
     parser.add_argument("--output", required=True, help="file to write: .csv (default), .tsv or .parquet")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="probability from which the prediction is label 1 (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="two-class models: probability from which the prediction is label 1 (default 0.5); "
+                             "a k-class model predicts its most probable class")
     opts = parser.parse_args(args)
     setup_logging()
 
-    from neuron_torch.loading import ModelLoadError, load_model
+    from neuron_torch.loading import ModelLoadError, load_model, probability_columns
     from neuron_torch.tables import DataError, read_frame
 
-    if not 0.0 <= opts.threshold <= 1.0:
-        return user_error(f"--threshold must be between 0 and 1, got {opts.threshold:g}")
+    threshold = 0.5 if opts.threshold is None else opts.threshold
+    if not 0.0 <= threshold <= 1.0:
+        return user_error(f"--threshold must be between 0 and 1, got {threshold:g}")
     problem = _output_problem(opts.output)
     if problem:
         return user_error(problem)
     try:
         rows = read_frame(opts.input)
-        taken = [name for name in OUTPUT_COLUMNS if name in rows.columns]
-        if taken:
-            return user_error(f"{opts.input}: already has a column {taken[0]!r}, which the output adds; "
-                              "rename or drop it")
+        if PREDICTION in rows.columns:  # every model adds it: said before the model is fetched
+            return _taken(opts.input, PREDICTION)
         model = load_model(opts.model)
-        probability = model.predict_proba(rows, source=opts.input)
+        if model.multiclass and opts.threshold is not None:
+            return user_error(f"--threshold is for two-class models; {opts.model} has {len(model.classes)} "
+                              "classes and predicts the most probable one")
+        added = probability_columns(model.classes)
+        taken = [name for name in added if name in rows.columns]
+        if taken:
+            return _taken(opts.input, taken[0])
+        probability = model.predict_proba(rows, source=opts.input)  # (m,) or (m, k)
     except (DataError, ModelLoadError) as err:
         return user_error(err)
-    rows["probability"] = probability
-    rows["prediction"] = _labels(probability >= opts.threshold, model.classes)
+    if model.multiclass:
+        index = probability.argmax(axis=1)  # (m,) the most probable class of each row
+        for j, name in enumerate(added):
+            rows[name] = probability[:, j]
+    else:
+        index = (probability >= threshold).astype(np.int64)  # (m,) 1 where label 1 is predicted
+        rows[added[0]] = probability
+    rows[PREDICTION] = _labels(index, model.classes)
     try:
         _write(rows, opts.output)
     except OSError as err:
         return user_error(f"{opts.output}: cannot be written ({err.strerror or err})")
-    positive = int((probability >= opts.threshold).sum())
-    log.info("%d rows scored, %d predicted %r (label 1, probability >= %g), %d %r: %s", len(rows), positive,
-             model.classes[1], opts.threshold, len(rows) - positive, model.classes[0], opts.output)
+    counts = np.bincount(index, minlength=len(model.classes))  # (k,) rows predicted per class
+    if model.multiclass:
+        per_class = ", ".join(f"{int(count)} {label!r}" for label, count in zip(model.classes, counts))
+        log.info("%d rows scored, predicted (the most probable of %d classes): %s: %s", len(rows),
+                 len(model.classes), per_class, opts.output)
+    else:
+        log.info("%d rows scored, %d predicted %r (label 1, probability >= %g), %d %r: %s", len(rows),
+                 int(counts[1]), model.classes[1], threshold, int(counts[0]), model.classes[0], opts.output)
     return 0
 
 
-def _labels(is_positive, classes: list[str]):
-    """The original label of each row; numeric labels (``0``/``1``, ``2``/``4``) stay numbers in the file."""
-    import numpy as np
+def _taken(source: str, column: str) -> int:
+    return user_error(f"{source}: already has a column {column!r}, which the output adds; rename or drop it")
 
-    values: list = list(classes)
-    try:
-        numbers = [float(label) for label in classes]
-        values = [int(v) if v.is_integer() else v for v in numbers]
-    except ValueError:
-        pass
-    return np.where(is_positive, values[1], values[0])
+
+def _labels(index, classes: list[str]):
+    """The original label of each row's class; numeric labels (``0``/``1``, ``2``/``4``) stay numbers.
+
+    Parameters
+    ----------
+    index : ndarray, shape (m,), int
+        The predicted class index of each row (0 or 1 for two classes).
+    classes : list of str, length k
+        The label of each class index, as the model records them.
+
+    Returns
+    -------
+    ndarray, shape (m,)
+        Integers or floats where every label is a number, else the label strings.
+    """
+    from neuron_torch.loading import label_values
+
+    values = label_values(classes)
+    if all(isinstance(v, int) for v in values):  # a whole-number column stays integer in CSV and Parquet
+        return np.asarray(values, dtype=np.int64)[index]
+    return np.asarray(values, dtype=object if isinstance(values[0], str) else np.float64)[index]
 
 
 def _write(rows, output: str) -> None:
