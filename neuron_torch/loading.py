@@ -270,15 +270,24 @@ def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> O
             return None
         raise ModelLoadError(f"{uri}: no {name} (not a model logged by neuron_torch)")
 
+    import contextlib
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
+    store = contextlib.nullcontext()
+    if tracking_uri is not None:
+        from neuron_torch.tracking import fluent_tracking_uri
+
+        # MLflow resolves runs:/<id>/model to the run's logged model with a client of the default store, whatever
+        # tracking_uri says (ModelsArtifactRepository); the fluent URI points that client at the store asked for
+        store = fluent_tracking_uri(tracking_uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{SUBFOLDER}/{name}",
-                                                        dst_path=str(scratch / name.split(".")[0]),
-                                                        tracking_uri=tracking_uri))
+        with store:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{SUBFOLDER}/{name}",
+                                                            dst_path=str(scratch / name.split(".")[0]),
+                                                            tracking_uri=tracking_uri))
     except Exception as err:  # MLflow raises several types for a URI or file that is not there
         if name == "config.yaml":  # kept for reference only; the other two files are the model
             return None
