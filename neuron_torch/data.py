@@ -447,9 +447,7 @@ class NeuronDataModule(L.LightningDataModule):
         part = split.of(np.arange(m))
         parts = {name: np.flatnonzero(part == code) for name, code in PARTS.items()}
         n_val, n_test = len(parts["val"]), len(parts["test"])
-        if len(parts["train"]) < 2:  # standardisation and learning need at least two training rows
-            raise DataError(f"{table.source}: {m} row{'s' if m != 1 else ''} are too few to split into train "
-                            f"(at least 2 rows), val ({hp.val_fraction}) and test ({hp.test_fraction})")
+        self._check_split(table.source, m, len(parts["train"]), n_val, n_test)
 
         X_train = table.X[parts["train"]]
         self.mean = X_train.mean(0) if hp.standardize else np.zeros(X_train.shape[1])
@@ -518,6 +516,7 @@ class NeuronDataModule(L.LightningDataModule):
         self.streamed, self.table_source, self._classes = table, path, table.classes
         self._feature_names = list(features)
         self.mean, self.std = table.mean, table.std
+        self._check_split(path, shards.rows, table.rows["train"], table.rows["val"], table.rows["test"])
         self._check_statistics(path)
         if not table.class_rows.all():
             absent = int(np.argmin(table.class_rows))
@@ -530,6 +529,14 @@ class NeuronDataModule(L.LightningDataModule):
                         f"; streamed in chunks of {table.chunk_rows} rows ({len(shards.paths)} shards, "
                         f"{shards.rows} rows, over the memory budget)")
         return None
+
+    def _check_split(self, source: str, m: int, n_train: int, n_val: int, n_test: int) -> None:
+        """Refuse a split with under two training rows (standardisation and learning need them), or with no
+        row in a hold-out that was asked for (its fraction > 0)."""
+        hp = self.hparams
+        if n_train < 2 or (hp.val_fraction > 0 and not n_val) or (hp.test_fraction > 0 and not n_test):
+            raise DataError(f"{source}: {m} row{'s' if m != 1 else ''} are too few to split into train "
+                            f"(at least 2 rows), val ({hp.val_fraction}) and test ({hp.test_fraction})")
 
     def _check_statistics(self, source: str) -> None:
         """Refuse standardisation statistics that overflowed or a column constant on the training rows."""

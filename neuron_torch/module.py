@@ -487,6 +487,14 @@ class NeuronModule(L.LightningModule):
                           ConvergenceWarning, stacklevel=1)
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
+        try:
+            self._evaluate_rows(batch, metrics, stage)
+        except DataError as err:  # a streamed shard gone or corrupt while validating: stop training here
+            if stage != "val":
+                raise
+            self.stop = Stop("failed", f"{err} (validating after update {self.global_step})")
+
+    def _evaluate_rows(self, batch, metrics: MetricCollection, stage: str) -> None:
         head = layers.OUTPUTS[self.net.output]
         loss_sum, total = 0.0, 0.0
         # a loaded split is one batch; a streamed one is read chunk by chunk, its loss a mean over every row

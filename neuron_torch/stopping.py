@@ -136,6 +136,13 @@ class StopTraining(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        self._stop(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # a streamed split that could not be read while validating
+            self._stop(trainer, pl_module)
+
+    def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stop: Optional[Stop] = getattr(pl_module, "stop", None)
         if stop is None:
             return

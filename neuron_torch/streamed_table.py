@@ -19,7 +19,6 @@ from neuron_torch.chunks import read_chunks
 from neuron_torch.shards import Piece, Shards
 from neuron_torch.split import PARTS, TRAIN, Split
 from neuron_torch.streaming import StreamedSplit, feature_moments
-from neuron_torch.tables import DataError
 
 log = logging.getLogger("neuron_torch")
 
@@ -100,9 +99,6 @@ class StreamedTable:
         self.class_rows = np.array([per_value[v][0] for v in self.values], dtype=np.int64)
         self.class_totals = np.array([per_value[v][1] for v in self.values], dtype=np.float64)
         n = len(self.features)
-        if moments.rows < 2:
-            raise DataError(f"{self.shards.source}: {moments.rows} training row{'s' if moments.rows != 1 else ''}"
-                            " after the split: at least 2 are needed")
         self.mean = moments.mean if standardize else np.zeros(n)
         self.std = moments.std if standardize else np.ones(n)
 

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from neuron_torch import config, stopping, summary, validation
 from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
 from neuron_torch.console import setup_logging, user_error
+from neuron_torch.tables import DataError
 from neuron_torch.data import DataError
 
 
@@ -132,7 +133,7 @@ def train(args: Optional[list[str]] = None) -> int:
             raise
         print(_interrupted(stop, run.run_id, argv, trainer.max_steps), file=sys.stderr)
         return stop.code
-    except stopping.Failed as err:  # diverged, or the data became unreadable: FAILED, the reason in its error tag
+    except (stopping.Failed, DataError) as err:  # diverged, or the data became unreadable: FAILED, one line
         return user_error(err)
     except (SystemExit, KeyboardInterrupt):
         if getattr(run, "status", None) == "KILLED":

@@ -91,22 +91,25 @@ def test_streamed_k_classes_with_weights(shards, tracking_uri, runs_of, capsys):
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-10, atol=1e-10)
 
 
-def test_shard_gone_mid_run_then_resume(shards, tmp_path, tracking_uri, runs_of, capsys):
-    """A shard deleted after update 10: one line naming it, the run FAILED, the 10 updates checkpointed; with
-    the shard back, the checkpoint resumes to the same state as a run never stopped."""
+@pytest.mark.parametrize("step,when", [(5, "during update 6"), (10, "validating after update 10")],
+                         ids=["training", "validation"])
+def test_shard_gone_mid_run_then_resume(step, when, shards, tmp_path, tracking_uri, runs_of, capsys):
+    """A shard deleted after ``step`` updates (the next update, or the validation at update 10, needs it): one
+    line naming it, the run FAILED, those updates checkpointed; with the shard back, the checkpoint resumes to
+    the state of a run never stopped."""
     import shutil
 
     folder = tmp_path / "copy"
     shutil.copytree(shards, folder)
     args = ["--data.path", str(folder), "--data.target", "label", "--data.memory_budget", STREAM, *COMMON]
     code = train([*args, "--trainer.max_steps", "30", "--trainer.callbacks+=shard_faults.RemoveShard",
-                  "--trainer.callbacks.path", str(folder / "part-1.parquet"), "--trainer.callbacks.step", "10"])
+                  "--trainer.callbacks.path", str(folder / "part-1.parquet"), "--trainer.callbacks.step", str(step)])
     assert code == 2
-    line = conftest.one_error_line(capsys.readouterr().err, "part-1.parquet", "during update 11", "10 updates")
+    line = conftest.one_error_line(capsys.readouterr().err, "part-1.parquet", when, f"({step} updates)")
     failed, = runs_of(tracking_uri)
     assert failed.info.status == "FAILED"
     checkpoint = line.split(" is in ")[-1].strip()
-    assert Path(checkpoint).name == "failed-step=10.ckpt"
+    assert Path(checkpoint).name == f"failed-step={step}.ckpt"
 
     shutil.copy(shards / "part-1.parquet", folder / "part-1.parquet")
     assert train([*args, "--trainer.max_steps", "30", "--ckpt_path", checkpoint]) == 0
