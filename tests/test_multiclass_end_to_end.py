@@ -24,6 +24,7 @@ import conftest
 import neuron_torch
 import neuron_torch.config as cli_module
 from neuron_torch.cli import main
+from neuron_torch.loading import ModelLoadError
 from neuron_torch.tracking import fluent_tracking_uri
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -225,7 +226,7 @@ def test_predict_writes_a_probability_per_class_and_the_original_label(trained, 
 
 def test_load_model_and_pyfunc_give_the_modules_probabilities(trained):
     rows = raw_rows(trained).drop(columns=trained.target)
-    expected = trained.module.predict_proba(torch.from_numpy(rows.to_numpy())).double().numpy()  # (m, k)
+    expected = trained.module.predict_proba(torch.tensor(rows.to_numpy())).double().numpy()  # (m, k)
 
     loaded = neuron_torch.load_model(f"runs:/{trained.run_id}/model", trained.uri)
     P = loaded.predict_proba(rows)
@@ -239,6 +240,37 @@ def test_load_model_and_pyfunc_give_the_modules_probabilities(trained):
         frame = pyfunc.predict(rows)
     assert list(frame.columns) == [f"probability_{c}" for c in trained.classes]
     np.testing.assert_allclose(frame.to_numpy(), P, rtol=0, atol=1e-12)  # the same float64 network
+
+
+def test_a_deep_k_class_network_loads_and_scores(tmp_path, empty_store, fast_args, monkeypatch):
+    iris_frame().to_csv(tmp_path / "iris.csv", index=False)
+    done = train_into(tmp_path, empty_store, ["--data.path", "iris.csv", "--data.target", "species", *fast_args,
+                                              "--model.hidden_sizes", "[5]", "--trainer.enable_checkpointing",
+                                              "false"])
+    assert done.code == 0 and done.run.info.status == "FINISHED"
+    assert "plots/confusion_matrix.png" in artifact_paths(done.client, done.run_id, "plots")
+    rows = iris_frame().drop(columns="species")
+    expected = done.module.predict_proba(torch.tensor(rows.to_numpy())).double().numpy()  # (150, 3)
+    P = neuron_torch.load_model(f"runs:/{done.run_id}/model", done.uri).predict_proba(rows)
+    np.testing.assert_allclose(P, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes, fragment", [
+    (["setosa"], "at least two labels"),
+    (["setosa", "setosa", "virginica"], "twice"),
+    (["setosa", "versicolor", "virginica", "other"], "does not fit"),  # 4 classes, weights for 3
+    (["setosa", "versicolor"], "does not fit"),  # a sigmoid unit, weights for a softmax of 3
+], ids=["one class", "a label twice", "more classes than outputs", "two classes for three outputs"])
+def test_a_meta_json_that_does_not_describe_the_weights_is_refused(classes, fragment, iris_run, tmp_path):
+    import json
+
+    with fluent_tracking_uri(iris_run.uri):
+        folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{iris_run.run_id}/model", dst_path=str(tmp_path)))
+    meta_path = next(folder.rglob("meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "classes": classes}))
+    with pytest.raises(ModelLoadError, match=fragment):
+        neuron_torch.load_model(str(folder))
 
 
 def test_threshold_is_refused_for_a_k_class_model(iris_run, tmp_path, capsys, monkeypatch):
