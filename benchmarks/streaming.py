@@ -1,16 +1,23 @@
-"""Streamed full-batch passes against the read floor: the time of one pass over a sharded Parquet table.
+"""Streamed full-batch updates against the read floor: the time of one update over a sharded Parquet table.
 
 Writes ``--rows`` × 64 float32 shards (and a 0/1 label) itself, then times, on the same files in the page cache:
 one plain pyarrow read of every shard (the floor: a streamed update must read the table once), the statistics
-pass, the full-batch loss and gradients of a float32 ``SingleNeuron`` through :mod:`neuron_torch.streaming`
-under ``--budget``, and the same chunks iterated with no math (what the reader alone costs). Reports seconds per pass and the fraction of the read floor reached (floor ÷ pass). JSON goes
-to ``benchmarks/results/``. ``python benchmarks/streaming.py --rows 2000000`` takes about a minute here.
+pass, one gradient-descent update of a float32 ``SingleNeuron`` (the full-batch loss and gradients through
+:mod:`neuron_torch.streaming` under ``--budget``, then the rule's step), one Newton update (the Hessian summed
+over the chunks too), and the same chunks iterated with no math (what the reader alone costs). With ``--cold``
+the files are then dropped from the page cache (``posix_fadvise(DONTNEED)`` per shard, after an ``fsync``)
+before each of ``--cold`` plain reads and as many updates, and the share of their pages still cached is
+checked with ``mincore``. Reports seconds per update and the fraction of the read floor reached (floor ÷
+update). JSON goes to ``benchmarks/results/``. ``python benchmarks/streaming.py --rows 2000000`` takes about a
+minute here; the default 20M rows (5 GB) with ``--budget 1GB --cold 2`` about five.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -28,6 +35,7 @@ import torch
 from neuron_torch.budget import chunk_rows, fits_in_memory, parse_memory_budget, read_reserve
 from neuron_torch.chunks import read_chunks
 from neuron_torch.networks import SingleNeuron
+from neuron_torch.optim import make_update_rule
 from neuron_torch.shards import open_shards
 from neuron_torch.split import TRAIN, Split
 from neuron_torch.streaming import StreamedSplit, feature_moments, full_batch
@@ -52,9 +60,55 @@ def write_shards(folder: Path, rows: int, n: int, shard_rows: int, group_rows: i
         writer.close()
 
 
-def timed(fn, repeats: int) -> list[float]:
+def drop_from_page_cache(paths) -> None:
+    """Ask the kernel to drop the files' pages from its page cache (written pages are flushed first: dirty
+    pages are not dropped). Needs no privilege; whether it worked is what :func:`cached_share` says."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_share(paths) -> float | None:
+    """Share of the files' pages in the page cache (Linux ``mincore`` over a read-only mapping); None where
+    that cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                                  ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    page, cached, total = mmap.PAGESIZE, 0, 0
+    for path in paths:
+        size = os.path.getsize(path)
+        pages = (size + page - 1) // page
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            vec = (ctypes.c_ubyte * pages)()
+            ok = libc.mincore(addr, size, vec) == 0
+            libc.munmap(addr, size)
+            if not ok:
+                return None
+            cached += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+            total += pages
+        finally:
+            os.close(fd)
+    return cached / total if total else None
+
+
+def timed(fn, repeats: int, before=None) -> list[float]:
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()  # off the clock
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -69,7 +123,12 @@ def main() -> None:
     parser.add_argument("--group-rows", type=int, default=1 << 16, help="rows per Parquet row group")
     parser.add_argument("--budget", default=None, help="memory budget (default: a fifth of the table's size)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes of each kind")
-    parser.add_argument("--dir", default=None, help="where the shards go (default: a temporary folder, removed)")
+    parser.add_argument("--cold", type=int, default=0,
+                        help="also time this many plain reads and updates with the files dropped from the page cache")
+    parser.add_argument("--newton", type=int, default=1, help="timed Newton updates (0: none)")
+    parser.add_argument("--dir", default=None,
+                        help="where the shards go (default: a temporary folder, removed); shards already there "
+                             "with --rows rows in all are reused, and kept")
     args = parser.parse_args()
 
     n = args.features
@@ -78,16 +137,22 @@ def main() -> None:
     folder = Path(args.dir or tempfile.mkdtemp(prefix="neuron-torch-shards-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        start = time.perf_counter()
-        write_shards(folder, args.rows, n, args.shard_rows, args.group_rows)
-        print(f"wrote {args.rows:,} x {n} float32 ({table_bytes / 1e9:.2f} GB) in "
-              f"{time.perf_counter() - start:.1f} s to {folder}")
+        existing = sorted(folder.glob("*.parquet"))
+        if existing and open_shards(str(folder)).rows == args.rows:
+            print(f"reusing the {len(existing)} shards in {folder}")
+        else:
+            start = time.perf_counter()
+            write_shards(folder, args.rows, n, args.shard_rows, args.group_rows)
+            print(f"wrote {args.rows:,} x {n} float32 ({table_bytes / 1e9:.2f} GB) in "
+                  f"{time.perf_counter() - start:.1f} s to {folder}")
         shards = open_shards(str(folder))
         features = [f"x{j}" for j in range(n)]
         columns = features + ["label"]
         assert not fits_in_memory(shards.rows, n + 1, budget), "the budget would load this table: lower --budget"
         rows = chunk_rows(budget, n + 1, read_reserve(shards.largest_row_group_bytes))
-        print(f"budget {budget / 2**20:.0f} MiB: streamed in chunks of {rows:,} rows")
+        group_rows = max(g.rows for g in shards.row_groups)
+        print(f"budget {budget / 2**20:.0f} MiB: chunks of up to {rows:,} rows "
+              f"(a chunk never spans row groups: {min(rows, group_rows):,} here)")
 
         def plain_read():  # the floor: every shard read by pyarrow (threaded), the columns the pass reads
             for path in shards.paths:
@@ -107,24 +172,57 @@ def main() -> None:
         net = SingleNeuron(n)  # float32, the fused CPU kernel where it applies
         stream = StreamedSplit(shards, features, "label", lambda y: y[:, None].astype(np.float64), rows, split,
                                TRAIN, stats.mean, stats.std, dtype=torch.float32)
-        passes = timed(lambda: full_batch(net, stream), args.passes)
+        gd = make_update_rule("gd", net.parameters(), 1.0)
+        newton = make_update_rule("newton", net.parameters(), 1.0)
+
+        @torch.no_grad()
+        def update(rule=gd):  # one update as the training step runs it: the streamed pass, then the rule's step
+            bp = full_batch(net, stream, hessian=rule is newton)
+            for name, p in net.named_parameters():
+                p.grad = bp.gradients[name]
+            rule.step() if rule is gd else rule.step(hessian=bp.hessian)
+
+        updates = timed(update, args.passes)
+        newton_updates = timed(lambda: update(newton), args.newton) if args.newton else []
         reader_only = timed(lambda: [None for _ in stream], args.passes)  # the same chunks, no compute
 
-        best_floor, best_pass = min(floor), min(passes)
+        paths = shards.paths
+        cold_floor, cold_updates, cached_after_drop = [], [], []
+
+        def drop():
+            drop_from_page_cache(paths)
+            cached_after_drop.append(cached_share(paths))
+
+        if args.cold:
+            cold_floor = timed(plain_read, args.cold, before=drop)
+            cold_updates = timed(update, args.cold, before=drop)
+            plain_read()  # back into the page cache for whoever runs next
+
+        best_floor, best_update = min(floor), min(updates)
         result = {
             "rows": args.rows, "features": n, "table_gb": table_bytes / 1e9, "budget_mib": budget / 2**20,
-            "chunk_rows": rows, "shards": len(shards.paths), "row_group_rows": args.group_rows,
-            "plain_read_s": floor, "moments_pass_s": moment_times, "gradient_pass_s": passes,
-            "reader_only_s": reader_only,
-            "fraction_of_floor": best_floor / best_pass,
+            "chunk_rows": rows, "chunk_rows_read": min(rows, group_rows), "shards": len(paths),
+            "row_group_rows": group_rows, "file_gb": sum(os.path.getsize(p) for p in paths) / 1e9,
+            "plain_read_s": floor, "moments_pass_s": moment_times, "gd_update_s": updates,
+            "newton_update_s": newton_updates, "reader_only_s": reader_only,
+            "fraction_of_floor": best_floor / best_update,
+            "cold_plain_read_s": cold_floor, "cold_gd_update_s": cold_updates,
+            "cached_share_after_drop": cached_after_drop,
+            "cold_fraction_of_floor": min(cold_floor) / min(cold_updates) if args.cold else None,
         }
         print(f"plain pyarrow read       {best_floor:.3f} s  (median {statistics.median(floor):.3f})")
         print(f"statistics pass (check)  {moment_times[0]:.3f} s")
-        print(f"streamed gradient pass   {best_pass:.3f} s  (median {statistics.median(passes):.3f})")
+        print(f"streamed update, gd      {best_update:.3f} s  (median {statistics.median(updates):.3f})")
+        if newton_updates:
+            print(f"streamed update, newton  {min(newton_updates):.3f} s")
         print(f"the same chunks, no math {min(reader_only):.3f} s  (median {statistics.median(reader_only):.3f})")
-        print(f"fraction of the read floor reached: {best_floor / best_pass:.2f}")
+        print(f"fraction of the read floor reached: {best_floor / best_update:.2f}")
+        if args.cold:
+            print(f"from disk: plain read {min(cold_floor):.3f} s, gd update {min(cold_updates):.3f} s, fraction "
+                  f"{min(cold_floor) / min(cold_updates):.2f}; share of pages cached after each drop: "
+                  + ", ".join("?" if c is None else f"{c:.3f}" for c in cached_after_drop))
     finally:
-        if args.dir is None:
+        if args.dir is None:  # shards asked for in --dir are kept
             shutil.rmtree(folder, ignore_errors=True)
 
     out = Path(__file__).parent / "results"
@@ -132,7 +230,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "pyarrow": pa.__version__,
             "threads": torch.get_num_threads()}
-    path = out / f"streaming-{args.rows}-{budget >> 20}MiB-{meta['date']}.json"
+    path = out / f"streaming-{args.rows}-{budget >> 20}MiB{'-cold' if args.cold else ''}-{meta['date']}.json"
     path.write_text(json.dumps({"meta": meta, "result": result}, indent=2))
     print(f"{meta}\nwritten: {path}")
 
