@@ -56,8 +56,8 @@ from neuron_torch.split import TRAIN, Split
 from neuron_torch.streaming import StreamedSplit, feature_moments, full_batch
 
 GAP = 1e-4
-# (rule, learning rate, momentum): gd is stable up to α = 2/L, L ≈ ¼·λ_max(XᵀX/m) ≈ 0.25 here; on a problem this
-# well conditioned a small momentum is the fast one for Nesterov; α = 1 is Newton's own step
+# (rule, learning rate, momentum): gd is stable up to α = 2/L, L ≈ ¼·λ_max(XᵀX/m) ≤ 0.25 here; α = 1 is Newton's
+# own step
 GRID = [("gd", 4.0, 0.0), ("gd", 6.0, 0.0), ("gd", 8.0, 0.0),
         ("nesterov", 1.0, 0.6), ("nesterov", 2.0, 0.6), ("nesterov", 1.0, 0.9), ("nesterov", 2.0, 0.9),
         ("newton", 1.0, 0.0)]
