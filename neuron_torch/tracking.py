@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from neuron_torch.spool import HOST_TAG, KEPT_EXIT, PID_TAG  # noqa: F401  (KEPT_EXIT: training's exit code)
-from neuron_torch.writer import MetricWriter, Outcome, shown_path
+from neuron_torch.writer import MetricWriter, Outcome, metric_keys, shown_path
 
 if TYPE_CHECKING:
     import pandas
@@ -254,7 +254,8 @@ class MLflowTracking(L.Callback):
         if self._last is None or self._last[0] % self.every == 0:
             return
         step, row = self._last
-        self.run.writer.log_metrics({self.names[j]: float(row[j]) for j in self._metric_columns}, step)
+        keys = metric_keys(self.names)
+        self.run.writer.log_metrics({keys[j]: float(row[j]) for j in self._metric_columns}, step)
         self._history.append((np.array([step]), row[None, :]))
 
     def history(self) -> "pandas.DataFrame":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,24 @@ log = logging.getLogger("neuron_torch")
 
 RETRY_SECONDS = 2.0  # how often a silent server is asked again (one cheap request, short timeout)
 PROBE_SECONDS = 2.0  # how long that request waits for an answer
+
+
+def metric_keys(names: list[str]) -> list[str]:
+    """MLflow metric keys for tracked column names: characters MLflow refuses in a key (anything but letters,
+    digits, ``_ - . : /`` and space, as in ``w/setosa/sepal length (cm)``) become ``_``, as do path parts it
+    refuses (empty, ``.``, ``..``); a key that two names would share gets ``_2``, ``_3``. The trajectory keeps
+    the names as they are."""
+    keys, seen = [], set()
+    for name in names:
+        parts = re.sub(r"[^/\w.\- :]", "_", name).split("/")
+        key = "/".join(part if part.strip(".") else part.replace(".", "_") or "_" for part in parts)
+        unique, i = key, 1
+        while unique in seen:
+            i += 1
+            unique = f"{key}_{i}"
+        seen.add(unique)
+        keys.append(unique)
+    return keys
 
 
 @dataclass
@@ -132,6 +151,7 @@ class MetricWriter:
                     break
                 if kind == "columns":
                     self._columns, self._metric_columns, self._every = payload
+                    self._metric_keys = metric_keys(self._columns)
                 elif kind == "record":
                     self._send_metrics(pending)  # what came before it, first
                     pending = []
@@ -144,7 +164,7 @@ class MetricWriter:
                     self._append_trajectory(steps, rows)
                     keep = steps % self._every == 0
                     for step, row in zip(steps[keep].tolist(), rows[keep][:, self._metric_columns].tolist()):
-                        pending += [Metric(self._columns[j], v, now, step)
+                        pending += [Metric(self._metric_keys[j], v, now, step)
                                     for j, v in zip(self._metric_columns, row)]
                 # send whole batches while more is queued; everything once the queue is idle
                 while len(pending) >= MAX_METRICS_PER_BATCH or (pending and self._queue.empty()):

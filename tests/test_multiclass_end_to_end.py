@@ -350,3 +350,17 @@ def test_newton_too_large_for_its_hessian_is_one_line(tracking_uri, runs_of, wri
     assert code == 2
     conftest.one_error_line(capsys.readouterr().err, "newton", f"{(n + 1) * k}", "30 classes")
     assert runs_of(tracking_uri) == []  # refused before any run exists
+
+
+def test_metric_keys_take_names_mlflow_refuses():
+    """Feature and label names with characters MLflow's keys refuse (iris: ``sepal length (cm)``) are tracked
+    under keys with ``_`` in their place, one key per name; the trajectory keeps the names."""
+    from neuron_torch.writer import metric_keys
+
+    names = ["train/loss", "w/setosa/sepal length (cm)", "b/a+b", "w/../x", "w//y", "a(b", "a)b"]
+    keys = metric_keys(names)
+    assert keys == ["train/loss", "w/setosa/sepal length _cm_", "b/a_b", "w/__/x", "w/_/y", "a_b", "a_b_2"]
+    from mlflow.utils.validation import _validate_metric_name
+
+    for key in keys:
+        _validate_metric_name(key)  # raises on a key MLflow refuses
