@@ -288,7 +288,8 @@ def test_server_back_after_the_run_gets_every_value_from_sync(near_server, tmp_p
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"tracking server {env.server.uri} unreachable: ") and last.endswith(
         f" kept in checkpoints/{run_id}/spool; send them with: neuron-torch sync"), last
-    assert "the model and 6 artifacts" in last  # weights.csv, 4 plots, trajectory.parquet (config went first)
+    # weights.csv, coefficients.csv and .txt, 4 plots, trajectory.parquet (config went first)
+    assert "the model and 8 artifacts" in last
     kept = journal_values(spool)
     assert f"{kept['metrics'] + kept['tags']:,} values" in last
     assert kept["status"] == 1 and len(list((spool / "files").rglob("weights.pt"))) == 1
