@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-# DataError lives with the table reading that prediction shares; it is imported from here too
+from neuron_torch.batches import BatchStream, SingleBatch, StreamedBatches
+from neuron_torch.labels import _labels, _sample_weights, label_classes
 from neuron_torch.split import PARTS, Split
-from neuron_torch.tables import (PARQUET, DataError, feature_matrix, listing, numeric_column,  # noqa: F401
-                                 read_frame, refuse_nested)
+# DataError lives with the table reading that prediction shares; it is imported from here too
+from neuron_torch.tables import PARQUET, DataError, feature_matrix, listing, read_frame  # noqa: F401
 
 log = logging.getLogger("neuron_torch")
 
@@ -33,9 +33,6 @@ class Table:
     classes: tuple[str, ...] = ("0", "1")  # the label value of each class index
     weight: Optional[np.ndarray] = None  # (m,) non-negative sample weights, or None
 
-# A label column with more distinct values than this, or with fewer than two rows per value on average, is not
-# a class label (a measurement, an id): it is refused rather than trained as that many classes.
-MAX_CLASSES = 1000
 
 
 # --- sources -------------------------------------------------------------------------------------------------
@@ -150,204 +147,6 @@ def read_table(path: str, target: Optional[str], positive_label: Optional[str] =
     y, classes = _labels(frame[target], path, target, positive_label)
     weight = None if weight_column is None else _sample_weights(frame[weight_column], path, weight_column)
     return Table(X, y, list(features), str(path), classes, weight)
-
-
-def _sample_weights(column, path: str, name: str) -> np.ndarray:
-    """A weight column as float64 (m,): finite numbers (as features are checked), none negative, not all 0."""
-    weight = numeric_column(column, path, name)
-    negative = np.flatnonzero(weight < 0)
-    if negative.size:
-        raise DataError(f"{path}: column {name!r}, row {negative[0] + 1}: sample weight {weight[negative[0]]:g} "
-                        "is negative")
-    if not weight.any():
-        raise DataError(f"{path}: column {name!r}: every sample weight is 0")
-    return weight
-
-
-def _labels(column, path: str, name: str, positive_label: Optional[str]) -> tuple[np.ndarray, tuple]:
-    """Class indices (m,) and the label value of each index: 0/1 for two values, sorted order for k > 2."""
-    import pandas as pd
-
-    refuse_nested(column, path, name)
-    missing = column.isna().to_numpy()
-    if missing.any():
-        raise DataError(f"{path}: column {name!r}, row {int(np.argmax(missing)) + 1}: missing label")
-    values, classes = label_classes(list(pd.unique(column)), len(column), path, name, positive_label)
-    y = column.map({value: i for i, value in enumerate(values)}).to_numpy(dtype=np.float64)
-    return y, classes
-
-
-def label_classes(values: list, rows: int, path: str, name: str, positive_label: Optional[str]
-                  ) -> tuple[list, tuple[str, ...]]:
-    """The classes of a label column's distinct ``values``: the values in class order, and their names.
-
-    Two values give labels 0 and 1 (``positive_label`` chooses 1; by default 1 of 0/1, True of booleans, the
-    larger value otherwise); k > 2 values give classes 0 … k − 1 in sorted order.
-
-    Raises
-    ------
-    DataError
-        Fewer than two values; more than :data:`MAX_CLASSES` or more than half of ``rows`` (not a label);
-        ``positive_label`` that is not a value, or given for k > 2 classes.
-    """
-    numeric = all(isinstance(v, (int, float, np.integer, np.floating, bool, np.bool_)) for v in values)
-    values = sorted(values, key=float if numeric else str)
-    if len(values) < 2:
-        raise DataError(f"{path}: column {name!r} has {len(values)} distinct label value"
-                        f"{'s' if len(values) != 1 else ''} ({listing(values)}); at least 2 are needed")
-    if len(values) > 2:
-        if len(values) > MAX_CLASSES or len(values) > rows / 2:
-            raise DataError(f"{path}: column {name!r} has {len(values)} distinct values in {rows} rows: "
-                            "that is not a class label (set --data.target to the label column)")
-        if positive_label is not None:
-            raise DataError(f"{path}: data.positive_label is for a two-class label; column {name!r} has "
-                            f"{len(values)} classes ({listing(values)})")
-        return values, tuple(str(v) for v in values)
-    if positive_label is None:
-        positive = values[1]  # 1 of 0/1, True of booleans, the larger value otherwise
-    else:
-        matches = [v for v in values if str(v) == str(positive_label)
-                   or (numeric and _as_float(positive_label) == float(v))]
-        if not matches:
-            raise DataError(f"{path}: data.positive_label {positive_label!r} is not a value of column "
-                            f"{name!r} ({listing(values)})")
-        positive = matches[0]
-    negative = values[0] if positive is values[1] or positive == values[1] else values[1]
-    return [negative, positive], (str(negative), str(positive))
-
-
-def class_weights(class_weight, classes: Sequence[str], totals: np.ndarray) -> Optional[np.ndarray]:
-    """The weight of each class, with scikit-learn's meaning of ``class_weight``.
-
-    Parameters
-    ----------
-    class_weight : None, "balanced" or dict of str to float
-        ``balanced`` gives class c the weight ``Σw / (k·Σ_{y=c} w)`` (``m / (k·m_c)`` unweighted), as
-        scikit-learn's ``compute_class_weight`` does with sample weights; a mapping gives the listed labels
-        their weight and the others 1.
-    classes : sequence of str, length k
-        The label of each class index.
-    totals : ndarray, shape (k,)
-        Each class's training rows, or their total sample weight.
-
-    Returns
-    -------
-    ndarray, shape (k,), or None when ``class_weight`` is None
-    """
-    check_class_weight(class_weight, classes)
-    if class_weight is None:
-        return None
-    if isinstance(class_weight, str):  # every class has training rows (prepare checks), so none divides by 0
-        totals = np.asarray(totals, dtype=np.float64)
-        return totals.sum() / (len(classes) * totals)
-    weights = np.ones(len(classes))
-    for label, value in class_weight.items():
-        weights[list(classes).index(str(label))] = float(value)
-    return weights
-
-
-def check_class_weight(class_weight, classes: Sequence[str]) -> None:
-    """Refuse a ``model.class_weight`` that is not ``balanced`` or a mapping of known labels to numbers >= 0."""
-    if class_weight is None:
-        return
-    if isinstance(class_weight, str):
-        if class_weight != "balanced":
-            raise DataError(f"model.class_weight must be 'balanced' or a mapping label: weight, got {class_weight!r}")
-        return
-    for label, value in class_weight.items():
-        if str(label) not in classes:
-            raise DataError(f"model.class_weight names label {label!r}, which is not a class ({listing(classes)})")
-        if not (np.isfinite(float(value)) and float(value) >= 0):
-            raise DataError(f"model.class_weight for label {label!r} must be a number >= 0, got {value!r}")
-
-
-def _as_float(text) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-# --- what training iterates over -------------------------------------------------------------------------------
-
-
-class BatchGroup:
-    """The mini-batches of one training step, in order: ``batches`` is a list of ``(X, Y)`` pairs.
-
-    A class of its own (not a list), so that a loader yielding ``[X, Y]`` lists is never taken for a group.
-    """
-
-    def __init__(self, batches: list[tuple[Tensor, Tensor]]):
-        self.batches = batches
-
-
-class BatchStream:
-    """An endless stream of training batches cut from tensors that already sit on the device.
-
-    A batch is ``(X, Y)``, or ``(X, Y, W)`` with sample weights ``W`` (m, 1). Full-batch gradient descent yields
-    the same batch every step: nothing is copied or collated. With a
-    ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
-    is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The
-    stream is one long epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the
-    index of the first mini-batch to hand out: a resumed run passes its update count and continues the
-    sequence exactly where it stopped (the Trainer fetches one item ahead, so a count kept by the stream
-    itself would be off).
-    """
-
-    def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0,
-                 group: int = 1, weight: Optional[Tensor] = None):
-        self.X, self.Y, self.seed, self.group = X, Y, seed, group
-        self.tensors = (X, Y) if weight is None else (X, Y, weight)
-        m = X.shape[0]
-        self.batch_size = m if batch_size is None or batch_size >= m else batch_size
-        self.batches_per_pass = math.ceil(m / self.batch_size)
-        self.position = position  # mini-batches handed out so far
-
-    def __iter__(self) -> Iterator:
-        if self.batch_size == self.X.shape[0]:
-            while True:
-                yield self.tensors
-        batches = self._batches()
-        while True:
-            yield BatchGroup([next(batches) for _ in range(self.group)])
-
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        while True:
-            n_pass, start = divmod(self.position, self.batches_per_pass)
-            order = self._permutation(n_pass)
-            for k in range(start, self.batches_per_pass):
-                rows = order[k * self.batch_size:(k + 1) * self.batch_size]
-                self.position += 1
-                yield tuple(t[rows] for t in self.tensors)
-
-    def _permutation(self, n_pass: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n_pass)
-        return torch.randperm(self.X.shape[0], generator=generator).to(self.X.device)
-
-
-class StreamedBatches:
-    """The endless stream of full-batch updates over a streamed split: every item is the split itself, read
-    again chunk by chunk when the update iterates it."""
-
-    def __init__(self, streamed):
-        self.streamed = streamed
-
-    def __iter__(self) -> Iterator:
-        while True:
-            yield self.streamed
-
-
-class SingleBatch:
-    """A loader of exactly one batch (a whole split, ``(X, Y)`` or ``(X, Y, W)``), for validation and test."""
-
-    def __init__(self, batch: tuple[Tensor, ...]):
-        self.batch = batch
-
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        yield self.batch
-
-    def __len__(self) -> int:
-        return 1
 
 
 # --- the LightningDataModule -------------------------------------------------------------------------------------

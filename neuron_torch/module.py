@@ -13,7 +13,9 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from neuron_torch import cuda_graphs, layers
-from neuron_torch.data import BatchGroup, DataError, check_class_weight, class_weights
+from neuron_torch.batches import BatchGroup
+from neuron_torch.labels import check_class_weight, class_weights
+from neuron_torch.tables import DataError
 from neuron_torch.metrics import classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
 from neuron_torch.optim import StepFailed, make_update_rule

@@ -71,7 +71,6 @@ class StreamedTable:
 
         counts = np.zeros(3, dtype=np.int64)
         per_value: dict = {}  # label value → [training rows, training weight]
-        train_chunks = []
 
         def train_rows():
             reader = read_chunks(self.shards, self.features, self.chunk_rows, label=self.target,
@@ -131,14 +130,12 @@ class StreamedTable:
         class_weight : ndarray, shape (k,), optional
             Each class's weight; rows then weigh their sample weight times it.
         """
-        row_weight = None
-        if class_weight is not None:
-            def row_weight(labels, weights):
-                per_class = class_weight[self.class_index(labels)]
-                return per_class if weights is None else weights * per_class
+        def row_weight(labels, weights):
+            per_class = class_weight[self.class_index(labels)]
+            return per_class if weights is None else weights * per_class
         return StreamedSplit(self.shards, self.features, self.target, self.targets, self.chunk_rows, self.split,
                              PARTS[name], self.mean, self.std, pieces, dtype, device, self.weight_column,
-                             row_weight)
+                             None if class_weight is None else row_weight)
 
     def sample(self, name: str, rows: int = SAMPLE_ROWS) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """The first ``rows`` rows of split ``name``: raw features (r, n), class indices (r,) and sample

@@ -17,7 +17,6 @@ from neuron_torch import config, stopping, summary, validation
 from neuron_torch.config import MLflowSettings, NeuronCLI, SweepSettings
 from neuron_torch.console import setup_logging, user_error
 from neuron_torch.tables import DataError
-from neuron_torch.data import DataError
 
 
 

@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from neuron_torch import layers
-from neuron_torch.data import class_weights
+from neuron_torch.labels import class_weights
 from neuron_torch.networks import SoftmaxRegression, build_network
 from neuron_torch.optim import Newton
 
