@@ -129,7 +129,12 @@ def main() -> None:
     parser.add_argument("--dir", default=None,
                         help="where the shards go (default: a temporary folder, removed); shards already there "
                              "with --rows rows in all are reused, and kept")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's own, one per core); the reading thread "
+                             "needs a core too")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n = args.features
     table_bytes = args.rows * n * 4
@@ -230,7 +235,8 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "pyarrow": pa.__version__,
             "threads": torch.get_num_threads()}
-    path = out / f"streaming-{args.rows}-{budget >> 20}MiB{'-cold' if args.cold else ''}-{meta['date']}.json"
+    cold = "-cold" if args.cold else ""
+    path = out / f"streaming-{args.rows}-{budget >> 20}MiB{cold}-{meta['threads']}threads-{meta['date']}.json"
     path.write_text(json.dumps({"meta": meta, "result": result}, indent=2))
     print(f"{meta}\nwritten: {path}")
 

@@ -191,7 +191,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2^18 rows")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per learning rate at most")
     parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's own, one per core); the reading thread "
+                             "needs a core too")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = (1 << 18) if args.quick else args.rows
     n, group_rows = args.features, -(-rows // args.groups)
     folder = Path(tempfile.mkdtemp(prefix="neuron-torch-optimum-"))
@@ -300,7 +305,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "pyarrow": pa.__version__,
             "numpy": np.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0]}
-    path = out / f"streaming-optimum-{rows}-{meta['date']}.json"
+    path = out / f"streaming-optimum-{rows}-{meta['threads']}threads-{meta['date']}.json"
     path.write_text(json.dumps({"meta": meta, "result": result}, indent=2))
     print(f"{meta}\nwritten: {path}")
 
