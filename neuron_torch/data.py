@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -430,6 +431,14 @@ class NeuronDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare()
+        if self.streamed is not None and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+            # the reading thread decodes the next chunk while torch computes on this one: leave it a core. With
+            # torch on every core the two contend (on 2 cores an update reached 0.27 of the read rate, 0.76 with
+            # one torch thread; benchmarks/README.md)
+            threads = torch.get_num_threads() - 1
+            torch.set_num_threads(threads)
+            log.info("data: streaming with %d torch thread%s and one reading thread (OMP_NUM_THREADS sets it)",
+                     threads, "s" if threads != 1 else "")
 
     def _placed(self, name: str, rank: int = 0, world: int = 1):
         """Split ``name`` as ``(X, Y)``, or ``(X, Y, W)`` with row weights, in the model's dtype and on its device

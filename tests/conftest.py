@@ -100,6 +100,16 @@ def _plain_argv(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A streamed run leaves one core to its reading thread (torch.set_num_threads); give it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _restore_sigint():
     """Lightning ignores SIGINT for the rest of the process after a KeyboardInterrupt; put it back."""
     import signal
