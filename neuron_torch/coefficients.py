@@ -265,6 +265,8 @@ def table_from_module(module, datamodule) -> Optional["pandas.DataFrame"]:
     X, Y = datamodule.split("train")
     weights = getattr(datamodule, "weights", None)
     weight = weights("train") if callable(weights) else None
+    if hasattr(module, "row_weights") and hasattr(datamodule, "labels"):  # the weights trained on: class weights too
+        weight = module.row_weights(torch.from_numpy(datamodule.labels("train")), weight)
     classes = getattr(module, "classes", None) or list(datamodule.classes)
     tol = float(getattr(module.hparams, "tol", 0.0))
     converged = (module.converged_at is not None) if tol > 0 else None  # tol 0: judged by the Newton step

@@ -304,9 +304,14 @@ class NeuronDataModule(L.LightningDataModule):
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            frame = pa.concat_tables([pq.read_table(shard) for shard in shards.paths]).to_pandas()
+            needed = [*features, *others]  # in one order, whatever each shard's own
+            frame = pa.concat_tables([pq.read_table(shard, columns=needed).select(needed)
+                                      for shard in shards.paths]).to_pandas()
             return read_table(path, hp.target, hp.positive_label, hp.features, hp.weight_column, frame=frame)
         check_columns(shards, features, others)
+        if hp.batch_size is not None:  # before the pass over every row, not after it
+            raise DataError(f"{path}: data.batch_size with a table streamed from its shards is not supported; "
+                            "full-batch updates stream every row (raise data.memory_budget to load it)")
 
         def classes_of(values: list, rows: int):
             return label_classes(values, rows, path, hp.target, hp.positive_label)
@@ -322,9 +327,8 @@ class NeuronDataModule(L.LightningDataModule):
             absent = int(np.argmin(table.class_rows))
             raise DataError(f"{path}: class {table.classes[absent]!r} has no training rows: lower "
                             "data.val_fraction and data.test_fraction, or change data.seed")
-        if hp.batch_size is not None:
-            raise DataError(f"{path}: data.batch_size with a table streamed from its shards is not supported; "
-                            "full-batch updates stream every row (raise data.memory_budget to load it)")
+        if not table.class_totals.sum():
+            raise DataError(f"{path}: column {hp.weight_column!r}: every training row has weight 0")
         self._log_table(path, table.rows["train"], table.rows["val"], table.rows["test"], table.classes,
                         f"; streamed in chunks of {table.chunk_rows} rows ({len(shards.paths)} shards, "
                         f"{shards.rows} rows, over the memory budget)")
@@ -431,7 +435,9 @@ class NeuronDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare()
-        if self.streamed is not None and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        if (self.streamed is not None and stage == "fit" and not getattr(self, "_threads_set", False)
+                and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1):
+            self._threads_set = True
             # the reading thread decodes the next chunk while torch computes on this one: leave it a core. With
             # torch on every core the two contend (on 2 cores an update reached 0.27 of the read rate, 0.76 with
             # one torch thread; benchmarks/README.md)

@@ -98,12 +98,17 @@ def class_weights(class_weight, classes: Sequence[str], totals: np.ndarray) -> O
     check_class_weight(class_weight, classes)
     if class_weight is None:
         return None
-    if isinstance(class_weight, str):  # every class has training rows (prepare checks), so none divides by 0
-        totals = np.asarray(totals, dtype=np.float64)
+    totals = np.asarray(totals, dtype=np.float64)
+    if isinstance(class_weight, str):
+        empty = np.flatnonzero(totals == 0)
+        if empty.size:  # rows, but all of weight 0: balanced would weigh the class infinitely
+            raise DataError(f"model.class_weight balanced: class {classes[empty[0]]!r} has training weight 0")
         return totals.sum() / (len(classes) * totals)
     weights = np.ones(len(classes))
     for label, value in class_weight.items():
         weights[list(classes).index(str(label))] = float(value)
+    if not (weights * totals).sum():
+        raise DataError("model.class_weight gives every training row weight 0")
     return weights
 
 

@@ -16,9 +16,9 @@ from neuron_torch import cuda_graphs, layers
 from neuron_torch.batches import BatchGroup
 from neuron_torch.labels import check_class_weight, class_weights
 from neuron_torch.tables import DataError
-from neuron_torch.metrics import classification_metrics
+from neuron_torch.metrics import STREAMED_AUROC_THRESHOLDS, classification_metrics
 from neuron_torch.networks import ActivationName, HandBackprop, Init, build_network
-from neuron_torch.optim import StepFailed, make_update_rule
+from neuron_torch.optim import NEWTON_MAX_PARAMETERS, StepFailed, make_update_rule
 from neuron_torch.stopping import GROWTH, LOSS_FLOOR, Stop
 from neuron_torch.streaming import StreamedSplit, full_batch
 
@@ -30,9 +30,6 @@ def _batch_weight(batch) -> Tensor | float:
     return batch[2].sum() if len(batch) > 2 else float(batch[0].shape[0])
 
 UpdateRule = Literal["gd", "momentum", "nesterov", "adam", "newton"]
-# Newton solves with the (N × N) Hessian of all N parameters: 4,096 of them make a 128 MiB float64 matrix and
-# a Cholesky factorisation of ~2·10¹⁰ flops per update. Past that the other rules are the right tool.
-NEWTON_MAX_PARAMETERS = 4096
 
 
 def _copied(state: dict) -> dict:
@@ -55,9 +52,6 @@ class NeuronModule(L.LightningModule):
     ----------
     feature_names : list of str
         Input feature names (linked from the data); their number is ``n_features``.
-    classes : list of str, optional
-        The label of each class index (linked from the data). Two classes train one sigmoid output unit
-        (the single neuron); k > 2 a softmax layer of k units (multinomial logistic regression). Default: two.
     hidden_sizes : list of int
         Hidden layer widths; empty trains the single neuron (or its softmax form).
     activation : {"relu", "tanh", "sigmoid", "leaky_relu"}
@@ -104,16 +98,20 @@ class NeuronModule(L.LightningModule):
         Weights per class, with scikit-learn's meaning: each row's weight (its ``data.weight_column`` value,
         else 1) is multiplied by its class's weight; ``balanced`` gives class c ``Σw / (k·Σ_{y=c} w)`` over
         the training rows. The loss and every gradient are then weighted means.
+    classes : list of str, optional
+        The label of each class index (linked from the data). Two classes train one sigmoid output unit
+        (the single neuron); k > 2 a softmax layer of k units (multinomial logistic regression). Default: two.
     """
 
-    def __init__(self, feature_names: list[str], classes: Optional[list[str]] = None, hidden_sizes: list[int] = [],
+    def __init__(self, feature_names: list[str], hidden_sizes: list[int] = [],
                  activation: ActivationName = "relu", init: Optional[Init] = None, l2: float = 0.0,
                  learning_rate: float = 0.5, update_rule: UpdateRule = "gd", momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_schedule: Optional[Literal["step", "cosine"]] = None, lr_step_size: int = 1000,
                  lr_gamma: float = 0.5, tol: float = 0.0, updates_per_step: int = 1,
                  fused: bool = True, divergence: Literal["warn", "stop"] = "warn",
-                 class_weight: Union[Literal["balanced"], dict[str, float], None] = None):
+                 class_weight: Union[Literal["balanced"], dict[str, float], None] = None,
+                 classes: Optional[list[str]] = None):
         super().__init__()
         if updates_per_step < 1:
             raise ValueError(f"model.updates_per_step must be >= 1, got {updates_per_step}")
@@ -169,9 +167,24 @@ class NeuronModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "mean"):
             self.feature_mean.copy_(torch.as_tensor(datamodule.mean))
             self.feature_std.copy_(torch.as_tensor(datamodule.std))
-        if datamodule is not None and self.hparams.class_weight is not None and hasattr(datamodule, "class_totals"):
-            fitted = class_weights(self.hparams.class_weight, self.classes, datamodule.class_totals())
-            self.class_weight = torch.as_tensor(fitted, dtype=torch.float64)
+        if datamodule is not None and hasattr(datamodule, "class_totals"):
+            self.fit_class_weights(datamodule)
+        if getattr(datamodule, "streamed", None) is not None:  # splits too large to keep every prediction of
+            metrics = classification_metrics(len(self.classes), thresholds=STREAMED_AUROC_THRESHOLDS)
+            self.val_metrics, self.test_metrics = metrics.clone(prefix="val/"), metrics.clone(prefix="test/")
+
+    def fit_class_weights(self, datamodule) -> None:
+        """Each class's weight (:attr:`class_weight`, None without ``class_weight``) from the training rows.
+
+        Raises
+        ------
+        DataError
+            When a class the weights need has no training weight, or every row would weigh 0.
+        """
+        if self.hparams.class_weight is None:
+            return
+        fitted = class_weights(self.hparams.class_weight, self.classes, datamodule.class_totals())
+        self.class_weight = torch.as_tensor(fitted, dtype=torch.float64)
 
     def row_weights(self, y: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
         """Each row's weight in the loss: its sample weight (or 1) times its class's weight.
@@ -503,7 +516,10 @@ class NeuronModule(L.LightningModule):
         for X, Y, *weight in (batch if isinstance(batch, StreamedSplit) else [batch]):
             Z = self.net.logits(X)  # (m, 1) or (m, k)
             m = weight[0].sum() if weight else X.shape[0]
-            loss_sum = loss_sum + head.loss(Z, Y, *weight) * m
+            if weight:  # a chunk of weight 0 adds nothing to the mean (its own weighted mean is 0/0)
+                loss_sum = loss_sum + torch.where(m > 0, head.loss(Z, Y, *weight) * m, 0.0)
+            else:
+                loss_sum = loss_sum + head.loss(Z, Y) * m
             total = total + m
             if Y.shape[1] == 1:
                 metrics.update(head.forward(Z).squeeze(1), Y.squeeze(1).long())

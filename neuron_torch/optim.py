@@ -232,6 +232,9 @@ class Newton(torch.optim.Optimizer):
 
 
 UPDATE_RULES = ("gd", "momentum", "nesterov", "adam", "newton")
+# Newton solves with the (N × N) Hessian of all N parameters: 8,192 of them make a 512 MiB float64 matrix and
+# a Cholesky factorisation of ~2·10¹¹ flops per update. Past that the other rules are the right tool.
+NEWTON_MAX_PARAMETERS = 8192
 
 
 def make_update_rule(name: str, params: Iterable[Tensor], lr: float, momentum: float = 0.9,

@@ -33,7 +33,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from neuron_torch.networks import build_network
-from neuron_torch.optim import UPDATE_RULES, StepFailed, make_update_rule
+from neuron_torch.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -219,6 +219,10 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
         if k < 2:
             raise ValueError(f"NeuronClassifier needs samples of at least 2 classes in the data, but the data "
                              f"contains only one class: {self.classes_[0]!r}")
+        n_parameters = (X.shape[1] + 1) * (1 if k == 2 else k)
+        if self.solver == "newton" and n_parameters > NEWTON_MAX_PARAMETERS:
+            raise ValueError(f"solver='newton' would solve with a {n_parameters} × {n_parameters} Hessian; the limit "
+                             f"is {NEWTON_MAX_PARAMETERS} parameters: use solver='nesterov' or 'adam'")
 
         weight = None  # None keeps the single neuron's fused pass (it is for unweighted rows)
         if sample_weight is not None:

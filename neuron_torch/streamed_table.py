@@ -22,8 +22,8 @@ from neuron_torch.streaming import StreamedSplit, feature_moments
 
 log = logging.getLogger("neuron_torch")
 
-# Rows of a split read for what needs rows in memory after training (the model's input example, the figures);
-# the metrics themselves are taken over every row.
+# Most rows of a split read for what needs rows in memory after training (the model's input example, the
+# figures); the metrics themselves are taken over every row.
 SAMPLE_ROWS = 100_000
 
 
@@ -137,9 +137,11 @@ class StreamedTable:
                              PARTS[name], self.mean, self.std, pieces, dtype, device, self.weight_column,
                              None if class_weight is None else row_weight)
 
-    def sample(self, name: str, rows: int = SAMPLE_ROWS) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """The first ``rows`` rows of split ``name``: raw features (r, n), class indices (r,) and sample
-        weights (r,) or None."""
+    def sample(self, name: str, rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """The first ``rows`` rows of split ``name`` (by default :data:`SAMPLE_ROWS`, or one chunk's rows when
+        fewer, so the sample stays within the memory budget): raw features (r, n), class indices (r,) and
+        sample weights (r,) or None."""
+        rows = min(SAMPLE_ROWS, self.chunk_rows) if rows is None else rows
         Xs, ys, ws, taken = [], [], [], 0
         reader = read_chunks(self.shards, self.features, self.chunk_rows, label=self.target,
                              weight=self.weight_column, split=self.split, part=PARTS[name])

@@ -58,7 +58,7 @@ def train(args: Optional[list[str]] = None) -> int:
                 _release_process_group()
         except stopping.Interrupted as stop:
             return stop.code
-        except stopping.Failed:
+        except (stopping.Failed, DataError):
             return 1  # rank 0 reports it
         return 0
 
@@ -80,6 +80,10 @@ def train(args: Optional[list[str]] = None) -> int:
     problem = _storage_problem(data, model, trainer)
     if problem:
         return user_error(problem)
+    try:  # class weights come from the training rows: a weight that cannot be is told before the run exists
+        model.fit_class_weights(data)
+    except DataError as err:
+        return user_error(err)
     sweep: SweepSettings = cli.config_init.sweep
     if sweep.grid:
         return _sweep(cli, sweep, argv, uri, tags)
@@ -169,9 +173,12 @@ def _storage_problem(data, model, trainer) -> Optional[str]:
         storage_dtype(data.hparams.dtype, param_dtype, trainer.strategy.root_device)
     except ValueError as err:
         return str(err)
-    if not isinstance(model.net, SingleNeuron) or data.hparams.weight_column or model.hparams.class_weight:
-        return (f"data.dtype {data.hparams.dtype!r} is read by the single neuron's fused kernel, without row "
-                "weights; this run's network or weights would convert X on every update: use data.dtype 'model'")
+    if (not isinstance(model.net, SingleNeuron) or data.hparams.weight_column or model.hparams.class_weight
+            or model.hparams.update_rule == "newton" or not model.hparams.fused or data.hparams.path and
+            data.streamed is not None):
+        return (f"data.dtype {data.hparams.dtype!r} is read by the single neuron's fused kernel (no row weights, "
+                "no Newton Hessian, model.fused true, a loaded table); this run would convert X on every update: "
+                "use data.dtype 'model'")
     return None
 
 

@@ -144,7 +144,7 @@ def test_bfloat16_storage_trains_like_float32(tmp_path):
     results = {}
     for dtype in ("model", "bfloat16"):
         data = NeuronDataModule(dtype=dtype)
-        module = NeuronModule(data.feature_names, data.classes, learning_rate=0.5, updates_per_step=10)
+        module = NeuronModule(data.feature_names, classes=data.classes, learning_rate=0.5, updates_per_step=10)
         trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=300, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
         trainer.fit(module, datamodule=data)

@@ -97,7 +97,7 @@ def test_lightning_steps_replayed_from_a_graph_equal_single_updates(rule, tmp_pa
     rows = []
     for k in (10, 1):
         data = NeuronDataModule()
-        module = NeuronModule(data.feature_names, data.classes, update_rule=rule, learning_rate=0.1,
+        module = NeuronModule(data.feature_names, classes=data.classes, update_rule=rule, learning_rate=0.1,
                               updates_per_step=k)
         seen = []
 

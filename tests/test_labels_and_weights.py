@@ -121,3 +121,34 @@ def test_bfloat16_storage_is_refused_where_no_kernel_reads_it(tracking_uri, runs
     assert code == 2
     conftest.one_error_line(capsys.readouterr().err, "data.dtype 'bfloat16'", "CUDA")
     assert runs_of(tracking_uri) == []
+
+
+@pytest.mark.parametrize("class_weight,fragment", [("{c0: 0, c1: 0, c2: 0}", "every training row weight 0"),
+                                                   ("balanced", "class 'c1' has training weight 0")])
+def test_class_weights_that_leave_nothing_to_train_on(class_weight, fragment, tracking_uri, runs_of,
+                                                      write_table, capsys):
+    frame = labelled()
+    frame["w"] = np.where(frame.label == "c1", 0.0, frame.w)  # class c1's rows all weigh 0
+    path = write_table("data.csv", frame)
+    code = exit_code(["--data.path", str(path), "--data.target", "label", "--data.weight_column", "w",
+                      "--model.class_weight", class_weight, *SHORT])
+    assert code == 2
+    conftest.one_error_line(capsys.readouterr().err, "model.class_weight", fragment)
+    assert runs_of(tracking_uri) == []
+
+
+def test_class_weighted_fit_gets_standard_errors(tracking_uri, runs_of, write_table, capsys):
+    """The coefficient table judges the fit with the weights it was trained on (class weights included): an
+    unpenalised balanced Newton fit has converged and gets its standard errors."""
+    X, y = load_breast_cancer(return_X_y=True)
+    frame = pd.DataFrame(X[:, :3] / X[:, :3].std(0), columns=["a", "b", "c"]).assign(label=y)
+    path = write_table("three.csv", frame)
+    code = exit_code(["--data.path", str(path), "--data.target", "label", "--model.class_weight", "balanced",
+                      "--model.update_rule", "newton", "--model.learning_rate", "1", "--trainer.precision", "64-true",
+                      "--trainer.max_steps", "30", "--trainer.val_check_interval", "30", *QUIET])
+    assert code == 0
+    run, = runs_of(tracking_uri)
+    from mlflow import MlflowClient
+
+    table = pd.read_csv(MlflowClient(tracking_uri).download_artifacts(run.info.run_id, "coefficients.csv"))
+    assert table["std_error"].notna().all() and (table["std_error"] > 0).all()

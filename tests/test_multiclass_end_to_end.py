@@ -342,7 +342,7 @@ def test_newton_reaches_scikit_learns_multinomial_optimum(tmp_path, empty_store)
 
 def test_newton_too_large_for_its_hessian_is_one_line(tracking_uri, runs_of, write_table, capsys):
     rng = np.random.default_rng(0)
-    m, n, k = 300, 200, 30
+    m, n, k = 400, 300, 30
     frame = pd.DataFrame(rng.normal(size=(m, n)), columns=[f"f{i}" for i in range(n)]).assign(label=np.arange(m) % k)
     path = write_table("wide.parquet", frame)
     code = main(["train", "--data.path", str(path), "--data.target", "label", "--model.update_rule", "newton",

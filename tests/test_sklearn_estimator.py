@@ -280,3 +280,10 @@ def test_no_tracking_by_default():
     X, y = dataset("iris")
     clf = NeuronClassifier(solver="newton", learning_rate=1.0).fit(X, y)
     assert not hasattr(clf, "mlflow_run_id_")
+
+
+def test_newton_past_its_hessian_limit_is_refused():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 300)), np.arange(200) % 30  # (300 + 1)·30 = 9,030 parameters
+    with pytest.raises(ValueError, match="9030 × 9030 Hessian"):
+        NeuronClassifier(solver="newton").fit(X, y)

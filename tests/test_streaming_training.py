@@ -78,7 +78,9 @@ def test_streamed_run_equals_loaded_run(rule, shards, tracking_uri, runs_of, cap
     assert len(a) == 31 and list(a.columns) == list(b.columns)
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-10, atol=1e-10)
     for key, value in loaded.data.metrics.items():  # validation and test metrics over every row
-        assert streamed.data.metrics[key] == pytest.approx(value, rel=1e-10, abs=1e-10), key
+        # a streamed split's AUROC is binned at 1001 thresholds (a fixed-size state): within a bin's width
+        tolerance = 2e-3 if key.endswith("auroc") else 1e-10
+        assert streamed.data.metrics[key] == pytest.approx(value, rel=1e-10, abs=tolerance), key
 
 
 def test_streamed_k_classes_with_weights(shards, tracking_uri, runs_of, capsys):
