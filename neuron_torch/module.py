@@ -426,11 +426,29 @@ class NeuronModule(L.LightningModule):
         """One hand-written update on ``batch`` (``(X, Y)`` or ``(X, Y, W)``); returns the network's snapshot of
         the state it started from, whether the gradient norm there was under ``tol``, and (data-parallel only)
         the number of ranks that had been signalled to stop, summed with the gradients, on the device."""
-        bp, hessian, total = self._pass(batch, hessian=self.hparams.update_rule == "newton")
+        newton = self.hparams.update_rule == "newton"
+        distributed = self.trainer.world_size > 1
+        try:
+            bp, hessian, total = self._pass(batch, hessian=newton)
+            failure = None
+        except DataError as err:
+            if not distributed:
+                raise
+            # this rank's rows cannot be read: take part in the all-reduce with nothing (the other ranks wait in
+            # it), and say so in its payload, so that every rank stops at this same update
+            failure, (bp, hessian, total) = err, self._pass(None, hessian=newton)
         loss, grads = bp.loss, bp.gradients
         flag = None
-        if self.trainer.world_size > 1:
-            loss, grads, hessian, flag = self._all_reduce(total, loss, grads, hessian, stop=float(self._signalled()))
+        if distributed:
+            loss, grads, hessian, flags = self._all_reduce(total, loss, grads, hessian, stop=float(self._signalled()),
+                                                           failed=float(failure is not None))
+            flag = flags[0]
+            if isinstance(batch, StreamedSplit) and flags[1].item() > 0:  # one host read, on streamed tables only
+                import torch.distributed as dist
+
+                messages = [None] * self.trainer.world_size  # every rank stops with the first failing rank's words
+                dist.all_gather_object(messages, None if failure is None else str(failure))
+                raise DataError(next(message for message in messages if message))
         # the state this update starts from: loss(w, b), the gradients and w, b themselves
         snapshot, converged = self.net.snapshot(loss, grads, bp), False
         if self.hparams.tol > 0:  # the gradient norm is read on the host only when it can stop training
@@ -452,30 +470,31 @@ class NeuronModule(L.LightningModule):
     def _pass(self, batch, hessian: bool = False) -> tuple:
         """The forward and backward pass of one update: ``(BackwardPass, Hessian or None, what its means are
         over)``. ``batch`` is ``(X, Y)``, ``(X, Y, W)`` or a streamed split, summed chunk by chunk."""
-        if isinstance(batch, StreamedSplit):
-            streamed = full_batch(self.net, batch, hessian)
+        if batch is None or isinstance(batch, StreamedSplit):  # None: no rows at all (a rank whose rows failed)
+            streamed = full_batch(self.net, batch or [], hessian)
             return streamed, streamed.hessian, streamed.rows
         bp = self.net.forward_backward(*batch)
         return bp, self.net.hessian(*batch[:1], *batch[2:]) if hessian else None, _batch_weight(batch)
 
     def _all_reduce(self, m: Tensor | float, loss: Tensor, grads: dict[str, Tensor], hessian: Optional[Tensor] = None,
-                    stop: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor], Tensor]:
+                    stop: float = 0.0, failed: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor], Tensor]:
         """Exact full-data gradients under data parallelism: the sum of per-rank sums over the global m.
 
         Each rank's loss, gradients (and Hessian) are means over its own ``m`` rows (weighted means over its
         rows' total weight ``m``); ``Σ_r m_r·g_r / Σ_r m_r`` is the mean over all rows. The L2 terms, equal on
-        every rank, come through unchanged. ``stop`` (1 on
-        a rank that was signalled) rides in the same payload, so every rank learns of a signal at the same
-        update; its sum over the ranks is returned last.
+        every rank, come through unchanged. ``stop`` (1 on a rank that was signalled) and ``failed`` (1 on a
+        rank whose rows could not be read) ride in the same payload, so every rank learns of them at the same
+        update; their sums over the ranks are returned last, as a tensor of 2.
         """
         reduce = self.trainer.strategy.reduce
         m_total = reduce(torch.as_tensor(m, dtype=loss.dtype, device=loss.device).clone(), reduce_op="sum")
         parts = [loss.view(1)] + [g.flatten() for g in grads.values()]
         if hessian is not None:
             parts.append(hessian.flatten())
-        signal = torch.tensor([stop], dtype=loss.dtype, device=loss.device)
+        signal = torch.tensor([stop, failed], dtype=loss.dtype, device=loss.device)
         payload = reduce(torch.cat([torch.cat(parts) * m, signal]), reduce_op="sum")
-        flat, signals = payload[:-1] / m_total, payload[-1]
+        # a step where every rank failed has m_total 0: its values are never used (training stops there)
+        flat, signals = payload[:-2] / m_total, payload[-2:]
         loss, offset, reduced = flat[0], 1, {}
         for name, g in grads.items():
             reduced[name] = flat[offset:offset + g.numel()].view_as(g)

@@ -131,3 +131,24 @@ def test_two_process_ddp_streams_its_own_rows(shards, tracking_uri, runs_of):
     ddp, single = sorted(runs_of(tracking_uri), key=lambda r: r.info.start_time)
     a, b = trajectory(tracking_uri, ddp), trajectory(tracking_uri, single)
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_a_shard_gone_on_one_ddp_rank_stops_every_rank(shards, tmp_path, tracking_uri, runs_of):
+    """Rank 1 alone streams the last shard: when it disappears, both ranks stop at the same update, rank 0
+    reports the shard in one line, the run is FAILED and the last completed update is checkpointed."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(shards, folder)
+    done = subprocess.run([sys.executable, TRAIN, "--data.path", str(folder), "--data.target", "label",
+                           "--data.memory_budget", STREAM, "--trainer.max_steps", "30", "--trainer.accelerator", "cpu",
+                           "--trainer.strategy", "ddp", "--trainer.devices", "2", *COMMON,
+                           "--trainer.callbacks+=shard_faults.RemoveShard", "--trainer.callbacks.path",
+                           str(folder / "part-2.parquet"), "--trainer.callbacks.step", "5"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = conftest.one_error_line(done.stderr, "part-2.parquet", "during update 6", "(5 updates)")
+    assert Path(line.split(" is in ")[-1].strip()).exists()
+    run, = runs_of(tracking_uri)
+    assert run.info.status == "FAILED"
