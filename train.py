@@ -5,13 +5,13 @@
     python train.py --model.learning_rate 0.1 --trainer.max_steps 2000
     python train.py --print_config                   # the resolved config
 
-The steps, in order, are in ``neuron_torch.cli.train``: config → seed → data → model → tracking → fit →
+The steps, in order, are in ``neuron_torch.cli.training.train``: config → seed → data → model → tracking → fit →
 test → summary.
 """
 
 import sys
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 if __name__ == "__main__":
     sys.exit(train())

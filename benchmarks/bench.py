@@ -8,7 +8,7 @@ Compared, in one process on the same data: the classic numpy recipe (X stored (n
 loop, torch autograd + torch.optim.SGD, torch.compile of the naive step, this project's
 ``SingleNeuron.gradients()`` + hand-written update, and the full Lightning-hosted run (marginal cost per
 update from two runs of different length, so start-up is counted apart). On CUDA also: the updates of a training
-step captured in a CUDA graph (:mod:`neuron_torch.cuda_graphs`) and X stored as bfloat16 (float32 accumulation). The
+step captured in a CUDA graph (:mod:`neuron_torch.train.cuda_graphs`) and X stored as bfloat16 (float32 accumulation). The
 floor is one streaming read of X (``X.sum()``). Writes a table to stdout, and JSON and a markdown table to
 ``benchmarks/results/`` (or ``--out``). Lightning rows are skipped, saying why, where jsonargparse is missing, and
 the tracked ones where MLflow is.
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuron_torch import SingleNeuron, fused
-from neuron_torch.cuda_graphs import GraphedUpdates, neuron_update, watched
-from neuron_torch.optim import GradientDescent
+from neuron_torch import SingleNeuron
+from neuron_torch.kernels import fused
+from neuron_torch.train.cuda_graphs import GraphedUpdates, neuron_update, watched
+from neuron_torch.nn.optim import GradientDescent
 
 LR = 0.1
 GRAPH_K = 50  # updates per captured graph: the default updates_per_step
@@ -144,7 +145,7 @@ def cuda_candidates(X, Y) -> dict:
 
 
 def lightning_per_update(size: str, m: int, n: int, device: str, steps: tuple[int, int]) -> dict[str, float]:
-    """Marginal seconds per update of the Lightning-hosted run (``neuron_torch.cli``, the default config).
+    """Marginal seconds per update of the Lightning-hosted run (``neuron_torch.cli.commands``, the default config).
 
     Two runs of different length each; the difference in wall time over the difference in updates leaves
     start-up, data and the MLflow run's creation out. Rows: without tracking, with the default MLflow
@@ -157,10 +158,10 @@ def lightning_per_update(size: str, m: int, n: int, device: str, steps: tuple[in
     if missing:  # a bare GPU machine: the CLI needs jsonargparse, the synthetic data scikit-learn
         print(f"  Lightning rows skipped: {', '.join(missing)} not installed")
         return {}
-    from neuron_torch.cli import build_cli
+    from neuron_torch.cli.commands import build_cli
     tracked = importlib.util.find_spec("mlflow") is not None
     if tracked:
-        from neuron_torch import tracking
+        from neuron_torch.tracking import run as tracking
     else:
         print("  Lightning + MLflow rows skipped: mlflow is not installed")
 
@@ -199,7 +200,7 @@ def lightning_per_update(size: str, m: int, n: int, device: str, steps: tuple[in
 def lightning_data(size: str, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split the Lightning-hosted run trains on, so the bare loops time the very same rows
     (the data matters: where the weights grow large, exp and log1p get slower)."""
-    from neuron_torch.data import NeuronDataModule
+    from neuron_torch.data.datamodule import NeuronDataModule
 
     if size == "breast cancer":
         data = NeuronDataModule()

@@ -59,8 +59,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from optimum import describe_load, fastest_uncontended  # noqa: E402  (the same contention guard)
 
-from neuron_torch.networks import build_network  # noqa: E402
-from neuron_torch.optim import make_update_rule  # noqa: E402
+from neuron_torch.nn.networks import build_network  # noqa: E402
+from neuron_torch.nn.optim import make_update_rule  # noqa: E402
 
 GAP = 1e-4
 RULES = ("gd", "nesterov", "adam", "newton")

@@ -42,8 +42,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import data  # noqa: E402  (the same generator as the per-update benchmark)
 
-from neuron_torch import SingleNeuron, layers  # noqa: E402
-from neuron_torch.optim import make_update_rule  # noqa: E402
+from neuron_torch import SingleNeuron  # noqa: E402
+from neuron_torch.nn import layers
+from neuron_torch.nn.optim import make_update_rule  # noqa: E402
 
 GAP = 1e-4  # reach L* + GAP
 CONTENDED = 0.10  # repeat a timing during which other processes used more than this share of the CPUs
@@ -149,7 +150,7 @@ def run_rule(rule: str, lr: float, X: torch.Tensor, Y: torch.Tensor, l2: float, 
     net = SingleNeuron(n, init="zeros", l2=l2)
     params = dict(net.named_parameters())
     w, b = net.linear.weight, net.linear.bias
-    opt = make_update_rule(rule, net.parameters(), lr)  # newton: neuron_torch.optim.Newton
+    opt = make_update_rule(rule, net.parameters(), lr)  # newton: neuron_torch.nn.optim.Newton
     target = ref["loss"] + GAP
     status, updates, first_loss = "not reached", 0, None
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Writes ``--rows`` × 64 float32 shards (and a 0/1 label) itself, then times, on the same files in the page cache:
 one plain pyarrow read of every shard (the floor: a streamed update must read the table once), the statistics
 pass, one gradient-descent update of a float32 ``SingleNeuron`` (the full-batch loss and gradients through
-:mod:`neuron_torch.streaming` under ``--budget``, then the rule's step), one Newton update (the Hessian summed
+:mod:`neuron_torch.data.streaming` under ``--budget``, then the rule's step), one Newton update (the Hessian summed
 over the chunks too), and the same chunks iterated with no math (what the reader alone costs). With ``--cold``
 the files are then dropped from the page cache (``posix_fadvise(DONTNEED)`` per shard, after an ``fsync``)
 before each of ``--cold`` plain reads and as many updates, and the share of their pages still cached is
@@ -32,13 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from neuron_torch.budget import chunk_rows, fits_in_memory, parse_memory_budget, read_reserve
-from neuron_torch.chunks import read_chunks
-from neuron_torch.networks import SingleNeuron
-from neuron_torch.optim import make_update_rule
-from neuron_torch.shards import open_shards
-from neuron_torch.split import TRAIN, Split
-from neuron_torch.streaming import StreamedSplit, feature_moments, full_batch
+from neuron_torch.data.budget import chunk_rows, fits_in_memory, parse_memory_budget, read_reserve
+from neuron_torch.data.chunks import read_chunks
+from neuron_torch.nn.networks import SingleNeuron
+from neuron_torch.nn.optim import make_update_rule
+from neuron_torch.data.shards import open_shards
+from neuron_torch.data.split import TRAIN, Split
+from neuron_torch.data.streaming import StreamedSplit, feature_moments
+from neuron_torch.nn.chunked import full_batch
 
 
 def write_shards(folder: Path, rows: int, n: int, shard_rows: int, group_rows: int) -> None:

@@ -13,7 +13,7 @@ row group each: 8 chunks. Steps:
    whether the features are standardised or not (an affine change of coordinates, no penalty), so the project's
    standardised fit and dask-ml's fit on the stored features are measured against the same ``L*``.
 2. This project, streamed: one statistics pass (means and standard deviations, every value checked), then from
-   zeros per update: :func:`neuron_torch.streaming.full_batch` over a :class:`StreamedSplit` (float32
+   zeros per update: :func:`neuron_torch.nn.chunked.full_batch` over a :class:`StreamedSplit` (float32
    ``SingleNeuron``, the fused kernel, Newton's Hessian summed over the same chunks), then the rule's ``step()``,
    as ``NeuronModule`` runs it. The clock stops at the first pass whose loss is ≤ the target; each rule runs over
    a small grid of learning rates (and momenta), each point capped, and the fastest is reported.
@@ -47,13 +47,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from neuron_torch.budget import chunk_rows, fits_in_memory, read_reserve
-from neuron_torch.chunks import read_chunks
-from neuron_torch.networks import SingleNeuron
-from neuron_torch.optim import make_update_rule
-from neuron_torch.shards import open_shards
-from neuron_torch.split import TRAIN, Split
-from neuron_torch.streaming import StreamedSplit, feature_moments, full_batch
+from neuron_torch.data.budget import chunk_rows, fits_in_memory, read_reserve
+from neuron_torch.data.chunks import read_chunks
+from neuron_torch.nn.networks import SingleNeuron
+from neuron_torch.nn.optim import make_update_rule
+from neuron_torch.data.shards import open_shards
+from neuron_torch.data.split import TRAIN, Split
+from neuron_torch.data.streaming import StreamedSplit, feature_moments
+from neuron_torch.nn.chunked import full_batch
 
 GAP = 1e-4
 # (rule, learning rate, momentum): gd is stable up to α = 2/L, L ≈ ¼·λ_max(XᵀX/m) ≤ 0.25 here; α = 1 is Newton's

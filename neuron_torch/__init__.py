@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 # public name → the module that defines it
-_PUBLIC = {"BackwardPass": "neuron_torch.networks", "DeepNetwork": "neuron_torch.networks",
-           "HandBackprop": "neuron_torch.networks", "SingleNeuron": "neuron_torch.networks",
-           "SoftmaxRegression": "neuron_torch.networks", "build_network": "neuron_torch.networks",
-           "NeuronPredictor": "neuron_torch.loading", "load_model": "neuron_torch.loading",
+_PUBLIC = {"BackwardPass": "neuron_torch.nn.networks", "DeepNetwork": "neuron_torch.nn.networks",
+           "HandBackprop": "neuron_torch.nn.networks", "SingleNeuron": "neuron_torch.nn.networks",
+           "SoftmaxRegression": "neuron_torch.nn.networks", "build_network": "neuron_torch.nn.networks",
+           "NeuronPredictor": "neuron_torch.tracking.loading", "load_model": "neuron_torch.tracking.loading",
            "NeuronClassifier": "neuron_torch.sklearn"}
 
 __all__ = sorted(_PUBLIC)

@@ -32,8 +32,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from neuron_torch.networks import build_network
-from neuron_torch.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
+from neuron_torch.nn.networks import build_network
+from neuron_torch.nn.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -45,8 +45,8 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
     With ``hidden_layer_sizes=()`` this is (multinomial) logistic regression, and at convergence it is
     scikit-learn's :class:`~sklearn.linear_model.LogisticRegression` with the same penalty (see ``alpha``).
     Each iteration is one full-batch update: the loss and gradients come from
-    :meth:`neuron_torch.networks.HandBackprop.forward_backward` (no autograd), the step from the update rule
-    of :mod:`neuron_torch.optim`.
+    :meth:`neuron_torch.nn.networks.HandBackprop.forward_backward` (no autograd), the step from the update rule
+    of :mod:`neuron_torch.nn.optim`.
 
     Parameters
     ----------
@@ -121,7 +121,7 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
         Objective (mean log-loss plus the penalty) at the fitted parameters.
     loss_curve_ : list of float
         Objective before each update, ``n_iter_`` values.
-    network_ : neuron_torch.networks.HandBackprop
+    network_ : neuron_torch.nn.networks.HandBackprop
         The fitted network; it takes standardised features when ``standardize=True``.
     n_features_in_ : int
         Number of features seen during fit.
@@ -393,7 +393,7 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
         """One MLflow run: parameters, the loss of each update and the final values, the weights as artifacts."""
         from mlflow.entities import Metric, Param, RunStatus
 
-        from neuron_torch.store import open_experiment
+        from neuron_torch.tracking.store import open_experiment
 
         client, experiment_id = open_experiment(self.tracking_uri, self.experiment_name)
         run = client.create_run(experiment_id, tags={"estimator": type(self).__name__})

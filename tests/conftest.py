@@ -187,7 +187,7 @@ def tol(dtype, factor: float = 4.0) -> float:
 
 
 def compiler_skip_reason() -> str | None:
-    """Why the fused kernel cannot be compiled here (no C compiler, ``CC`` as ``neuron_torch.fused`` reads it)."""
+    """Why the fused kernel cannot be compiled here (no C compiler, ``CC`` as ``neuron_torch.kernels.fused`` reads it)."""
     compiler = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper or flags ("ccache gcc")
     if not compiler or shutil.which(compiler[0]) is None:
         return f"no C compiler ({' '.join(compiler) or 'CC is empty'}): the fused kernel cannot be built here"
@@ -198,7 +198,7 @@ def compiler_skip_reason() -> str | None:
 def needs_fused():
     """Skip the requesting test, saying why, where the fused CPU kernel does not run: switched off by
     ``NEURON_TORCH_FUSED=0`` (the reference path is what such a session tests) or no C compiler."""
-    from neuron_torch import fused
+    from neuron_torch.kernels import fused
 
     if not fused.enabled():
         pytest.skip(f"{fused.ENV_SWITCH}={os.environ[fused.ENV_SWITCH]} switches the fused kernel off")

@@ -1,6 +1,6 @@
 """Bad input ends with exit code 2 and one line on stderr naming the file (column, row), no traceback, no run.
 
-Everything runs in-process through ``neuron_torch.cli.train``; argument-parser errors leave through
+Everything runs in-process through ``neuron_torch.cli.commands.train``; argument-parser errors leave through
 ``SystemExit(2)``. The data is read and checked while the CLI is built, before any MLflow run exists.
 """
 
@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import one_error_line, project_log
-from neuron_torch.cli import train
-from neuron_torch.data import read_table
+from neuron_torch.cli.commands import train
+from neuron_torch.data.datamodule import read_table
 
 SHORT = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
 
@@ -113,7 +113,7 @@ def test_non_finite_value_is_shown_as_written(tracking_uri, runs_of, write_table
 
 
 def test_breast_cancer_log_names_the_labels_plainly():
-    from neuron_torch.data import NeuronDataModule
+    from neuron_torch.data.datamodule import NeuronDataModule
 
     with project_log() as stream:
         NeuronDataModule().prepare()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 from processes import free_port, kill_group, start_mlflow
 
 FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]
@@ -135,7 +135,7 @@ def test_compare_runs_page_shows_both_runs_and_the_loss(chromium, two_runs, ui, 
 def test_the_printed_address_opens_on_the_runs(chromium, two_runs, ui, tmp_path):
     """The experiment address the summary prints lands on the table of runs (MLflow's model-training view),
     not on the GenAI overview of traces."""
-    from neuron_torch.summary import run_address
+    from neuron_torch.cli.summary import run_address
 
     experiment_id, _ = two_runs
     url = run_address(ui, experiment_id)

@@ -17,9 +17,9 @@ import torch
 
 sm = pytest.importorskip("statsmodels.api")
 
-from neuron_torch.coefficients import INTERCEPT, coefficient_table, format_table  # noqa: E402
-from neuron_torch.networks import build_network  # noqa: E402
-from neuron_torch.optim import Newton  # noqa: E402
+from neuron_torch.nn.coefficients import INTERCEPT, coefficient_table, format_table  # noqa: E402
+from neuron_torch.nn.networks import build_network  # noqa: E402
+from neuron_torch.nn.optim import Newton  # noqa: E402
 
 RTOL = 1e-4
 
@@ -244,8 +244,8 @@ def test_a_run_logs_coefficients_csv(tracking_uri, fast_args, tmp_path, monkeypa
     end of the run prints it."""
     from mlflow import MlflowClient
 
-    from neuron_torch import artifacts
-    from neuron_torch.cli import main
+    from neuron_torch.tracking import model_files as artifacts
+    from neuron_torch.cli.commands import main
 
     # the model and the figures have tests of their own; this one reads the coefficients alone, in half the time
     monkeypatch.setattr(artifacts, "log_model", lambda *args, **kwargs: None)
@@ -285,7 +285,7 @@ def test_a_run_logs_coefficients_csv(tracking_uri, fast_args, tmp_path, monkeypa
 def test_a_deep_run_logs_no_coefficients(tracking_uri, fast_args):
     from mlflow import MlflowClient
 
-    from neuron_torch.cli import main
+    from neuron_torch.cli.commands import main
 
     with redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuron_torch.cli import build_cli, train
-from neuron_torch.config import DEFAULT_CONFIG
+from neuron_torch.cli.commands import build_cli, train
+from neuron_torch.cli.config import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))

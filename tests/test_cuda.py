@@ -82,8 +82,8 @@ class OnDevice(L.Callback):
 
 
 def run_with(monkeypatch, args, callbacks=()):
-    import neuron_torch.config as cli_module
-    from neuron_torch.cli import train
+    import neuron_torch.cli.config as cli_module
+    from neuron_torch.cli.commands import train
 
     original, built = cli_module.build_cli, []
 
@@ -138,8 +138,8 @@ def test_bfloat16_storage_trains_like_float32(tmp_path):
     """X stored as bfloat16 (data.dtype) through Lightning: the loss and accuracy of float32 storage, within
     bfloat16's rounding of the inputs (8 bits of mantissa: relative 2⁻⁸ per value)."""
     pytest.importorskip("sklearn", reason="the breast-cancer table comes from scikit-learn")
-    from neuron_torch.data import NeuronDataModule
-    from neuron_torch.module import NeuronModule
+    from neuron_torch.data.datamodule import NeuronDataModule
+    from neuron_torch.train.module import NeuronModule
 
     results = {}
     for dtype in ("model", "bfloat16"):

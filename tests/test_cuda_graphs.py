@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from neuron_torch import SingleNeuron
-from neuron_torch.cuda_graphs import GraphedUpdates, capturable, neuron_update, watched
-from neuron_torch.optim import Adam, GradientDescent
+from neuron_torch.train.cuda_graphs import GraphedUpdates, capturable, neuron_update, watched
+from neuron_torch.nn.optim import Adam, GradientDescent
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: torch.cuda.is_available() is False")
@@ -91,8 +91,8 @@ def test_lightning_steps_replayed_from_a_graph_equal_single_updates(rule, tmp_pa
     """Through Lightning (no tracking): 10 updates per step, graphed, give the trajectory of 1 update per step."""
     import lightning as L
 
-    from neuron_torch.data import NeuronDataModule
-    from neuron_torch.module import NeuronModule
+    from neuron_torch.data.datamodule import NeuronDataModule
+    from neuron_torch.train.module import NeuronModule
 
     rows = []
     for k in (10, 1):

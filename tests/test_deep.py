@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from conftest import tol
 from neuron_torch import DeepNetwork, SingleNeuron
-from neuron_torch.layers import LEAKY_SLOPE
-from neuron_torch.optim import make_update_rule
+from neuron_torch.nn.layers import LEAKY_SLOPE
+from neuron_torch.nn.optim import make_update_rule
 
 DTYPE = torch.float64
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu"]
@@ -17,7 +17,7 @@ ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu"]
 HIDDEN = [[], [4], [5, 1], [6, 3, 2]]
 SHAPES = [(1, 1), (1, 5), (17, 3)]  # (m, n_features)
 
-# An activation written with torch's own functions, independently of neuron_torch.layers, for the reference.
+# An activation written with torch's own functions, independently of neuron_torch.nn.layers, for the reference.
 TORCH_ACT = {
     "relu": F.relu,
     "tanh": torch.tanh,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 DEEP = str(Path(__file__).resolve().parents[1] / "configs" / "deep.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]

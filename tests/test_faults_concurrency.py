@@ -99,7 +99,7 @@ def test_losing_the_create_race_takes_the_experiment(monkeypatch):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from neuron_torch.store import open_experiment
+    from neuron_torch.tracking.store import open_experiment
 
     class Client:
         lookups = 0
@@ -122,7 +122,7 @@ def test_losing_the_create_race_takes_the_experiment(monkeypatch):
 
 def test_a_held_lock_ends_in_one_line(tmp_path):
     """A process stuck while holding the store's lock is named after the timeout instead of hanging the run."""
-    from neuron_torch.store import StoreError, lock_file, store_lock
+    from neuron_torch.tracking.store import StoreError, lock_file, store_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 from test_bad_input import assert_clean_failure, exit_code
 
 STEPS = ["--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"]

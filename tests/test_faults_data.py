@@ -21,8 +21,8 @@ import pytest
 import conftest
 from conftest import all_runs, own_log_handler
 from neuron_torch import load_model
-from neuron_torch.cli import predict, train
-from neuron_torch.tables import DataError
+from neuron_torch.cli.commands import predict, train
+from neuron_torch.errors import DataError
 
 SHORT = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10",
          "--trainer.enable_checkpointing", "false"]
@@ -108,7 +108,7 @@ def test_a_folder_is_not_file_not_found(tracking_uri, runs_of, tmp_path, capsys)
 
 
 def test_log_names_label_1_and_how_to_choose_it(tmp_path):
-    from neuron_torch.data import NeuronDataModule
+    from neuron_torch.data.datamodule import NeuronDataModule
 
     frame_of().to_csv(tmp_path / "s.csv", index=False)
     with conftest.project_log() as stream:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "50"]
 DEEP = str(Path(__file__).resolve().parents[1] / "configs" / "deep.yaml")

@@ -27,15 +27,15 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from neuron_torch import tracking
-from neuron_torch.cli import train
+from neuron_torch.tracking import run as tracking
+from neuron_torch.cli.commands import train
 from processes import free_port, kill_group, log_tail, start_mlflow
 
 START_TIMEOUT = 120.0  # seconds for the server to answer /health on a busy two-core machine
 STEPS, EVERY, VAL_EVERY = 2000, 20, 100  # updates; default cadence ceil(2000 / 100); validation interval
 ARGS = ["--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false"]
 PER_UPDATE = ["train/loss", "train/grad_norm", "b", "w/mean radius", "w/worst fractal dimension"]
-SYNC = [sys.executable, "-m", "neuron_torch.cli", "sync"]  # what the neuron-torch console script runs
+SYNC = [sys.executable, "-m", "neuron_torch.cli.commands", "sync"]  # what the neuron-torch console script runs
 
 
 class Server:
@@ -211,7 +211,7 @@ def test_server_down_at_the_start_is_one_line_within_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "NEURON_TORCH_"))}
     env.update(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "neuron_torch.cli", "train",
+    done = subprocess.run([sys.executable, "-m", "neuron_torch.cli.commands", "train",
                            "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
@@ -260,7 +260,7 @@ def journal_values(spool: Path) -> dict[str, int]:
 def interrupted_sync(client, run_id: str, folder: Path) -> None:
     """A sync stopped half way: the first quarter of the records sent and counted, the second quarter sent but
     stopped before it was counted (so the next sync sends it again)."""
-    from neuron_torch.spool import Spool, deliver
+    from neuron_torch.tracking.spool import Spool, deliver
 
     spool = Spool(folder)
     spool.lock()
@@ -326,7 +326,7 @@ def test_server_back_after_the_run_gets_every_value_from_sync(near_server, tmp_p
 
 def test_sync_marks_runs_of_dead_processes_killed(near_server, tmp_path):
     """SIGKILL cannot be caught: the run stays RUNNING; sync finds its process gone from this host."""
-    from neuron_torch.sync import ENDED_TAG
+    from neuron_torch.cli.sync import ENDED_TAG
 
     client, host = near_server.client, socket.gethostname()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -357,12 +357,12 @@ def kept_loss_points(journal: Path) -> int:
 def test_run_killed_while_its_server_is_away_is_sent_and_marked_killed(near_server, tmp_path):
     """The worst case: the server goes, then the training process is SIGKILLed. What its writer had kept is in
     the spool; sync sends it (the history has no gap) and ends the run KILLED, as its process is gone."""
-    from neuron_torch.sync import ENDED_TAG
+    from neuron_torch.cli.sync import ENDED_TAG
 
     env, steps = near_server, 3_000_000  # minutes of training: it is killed long before the end
     every = steps // 100
     with open(tmp_path / "train.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "neuron_torch.cli", "train", "--trainer.max_steps", str(steps),
+        proc = subprocess.Popen([sys.executable, "-m", "neuron_torch.cli.commands", "train", "--trainer.max_steps", str(steps),
                                  "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10000"],
                                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

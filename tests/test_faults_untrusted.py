@@ -22,9 +22,9 @@ import torch
 
 from conftest import all_runs, one_error_line, own_log_handler
 from neuron_torch import load_model
-from neuron_torch.cli import predict, train
-from neuron_torch.config import _global_step_of
-from neuron_torch.loading import ModelLoadError
+from neuron_torch.cli.commands import predict, train
+from neuron_torch.cli.config import _global_step_of
+from neuron_torch.errors import ModelLoadError
 
 QUIET = ["--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10",
          "--trainer.enable_checkpointing", "false"]

@@ -24,8 +24,8 @@ ARGS = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--tr
 TIMEOUT = 240.0  # seconds for all cases together on a busy two-core machine
 WITHIN = 60.0  # seconds one refused case may take: imports and the data, never MLflow's retries
 # a failure only seen once the run is going: the up-front check is switched off in this process
-LATER = ("import sys; import neuron_torch.store as store; store.check_locations = lambda *a, **k: None; "
-         "from neuron_torch.training import train; sys.exit(train(sys.argv[1:]))")
+LATER = ("import sys; import neuron_torch.tracking.store as store; store.check_locations = lambda *a, **k: None; "
+         "from neuron_torch.cli.training import train; sys.exit(train(sys.argv[1:]))")
 
 
 def _case_store_folder(folder: Path) -> list[str]:
@@ -137,7 +137,7 @@ def test_failure_during_the_run_ends_it_failed(outcomes, runs_of):
 def test_write_failures_found_in_the_exception_chain():
     import errno
 
-    from neuron_torch.store import StoreError, is_busy, sqlite_path, write_failure
+    from neuron_torch.tracking.store import StoreError, is_busy, sqlite_path, write_failure
 
     uri = "sqlite:////data/runs/mlflow.db?timeout=30"
     assert sqlite_path(uri) == Path("/data/runs/mlflow.db") and sqlite_path("http://host") is None
@@ -165,7 +165,7 @@ def test_permission_denied_for_an_ordinary_user():
     try:
         folder.chmod(0o755)  # root's folder: others may look, not write
         probe = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-                 "from neuron_torch.store import check_locations; "
+                 "from neuron_torch.tracking.store import check_locations; "
                  "print(check_locations(f'sqlite:///{sys.argv[2]}/mlflow.db', 'x', None)); "
                  "print(check_locations('http://127.0.0.1:1', 'x', Path(sys.argv[2]) / 'checkpoints'))")
         out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,

@@ -1,6 +1,6 @@
 """The fused one-pass CPU kernel against the plain reference path and torch autograd.
 
-``SingleNeuron(fused=True)`` (the default) takes :func:`neuron_torch.fused.neuron_pass` where it applies; on the
+``SingleNeuron(fused=True)`` (the default) takes :func:`neuron_torch.kernels.fused.neuron_pass` where it applies; on the
 fused path ``BackwardPass.Z`` is empty, which is how these tests see which path ran. The reference path is
 ``fused=False``; the independent check is autograd on ``BCEWithLogits(X·wᵀ + b, Y) + (λ/2)‖w‖²`` in float64.
 """
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compiler_skip_reason, tol
-from neuron_torch import SingleNeuron, fused
+from neuron_torch import SingleNeuron
+from neuron_torch.kernels import fused
 
 # (m, n): one row, one feature, n not a multiple of any vector width, breast-cancer size, and one large
 # enough (m·n above fused.SERIAL_BELOW) to run on several threads

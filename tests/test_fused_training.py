@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-import neuron_torch.config as cli_module
-from neuron_torch import fused
-from neuron_torch.cli import train
+import neuron_torch.cli.config as cli_module
+from neuron_torch.kernels import fused
+from neuron_torch.cli.commands import train
 
 
 @pytest.mark.usefixtures("needs_fused")  # skips, saying why, under NEURON_TORCH_FUSED=0 or without a compiler

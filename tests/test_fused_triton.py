@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import tol
-from neuron_torch import SingleNeuron, fused, fused_triton
+from neuron_torch import SingleNeuron
+from neuron_torch.kernels import fused, fused_triton
 
 CUDA = torch.cuda.is_available()
 TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -52,7 +53,6 @@ CASES = {
 # the child: every case under the interpreter, results saved for the tests (tensors only, read weights_only)
 CHILD = """
 import sys, torch
-from neuron_torch import fused_triton
 assert fused_triton.interpreting()
 cases = torch.load(sys.argv[1], weights_only=True)
 torch.save({k: fused_triton.triton_pass(*v) for k, v in cases.items()}, sys.argv[2])
@@ -169,7 +169,7 @@ def test_applies_only_where_it_can_run(monkeypatch):
 
 
 def test_missing_triton_gives_none_and_one_warning(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "neuron_torch.triton_kernel", None)  # its import fails as triton's would
+    monkeypatch.setitem(sys.modules, "neuron_torch.kernels.triton_kernel", None)  # its import fails as triton's would
     monkeypatch.setattr(fused_triton, "_kernels", {})
     monkeypatch.setattr(fused_triton, "_failure", None)
     with caplog.at_level(logging.WARNING, logger="neuron_torch"):

@@ -13,7 +13,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 
 import conftest
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
 SHORT = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10", *QUIET]
@@ -36,7 +36,7 @@ def labelled(m: int = 60, k: int = 3, seed: int = 0) -> pd.DataFrame:
 
 def held_out_row(m: int) -> int:
     """A row the default split (seed 0, 0.2 / 0.2) holds out of training."""
-    from neuron_torch.split import TRAIN, split_of
+    from neuron_torch.data.split import TRAIN, split_of
 
     return int(np.flatnonzero(split_of(np.arange(m), 0, 0.2, 0.2) != TRAIN)[0])
 

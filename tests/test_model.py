@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from neuron_torch.cli import predict, train
+from neuron_torch.cli.commands import predict, train
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
 

@@ -19,10 +19,10 @@ from sklearn import datasets
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from neuron_torch import layers
-from neuron_torch.labels import class_weights
-from neuron_torch.networks import SoftmaxRegression, build_network
-from neuron_torch.optim import Newton
+from neuron_torch.nn import layers
+from neuron_torch.data.labels import class_weights
+from neuron_torch.nn.networks import SoftmaxRegression, build_network
+from neuron_torch.nn.optim import Newton
 
 F64 = torch.float64
 

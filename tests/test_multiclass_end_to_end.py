@@ -2,7 +2,7 @@
 
 Two runs are shared by most tests: iris written to CSV with string labels (4 features, 3 classes), and a
 synthetic table of 2 features with 4 numeric labels (so the decision regions are drawn and the predictions
-must come back as numbers). Both train through ``neuron_torch.cli.main(["train", ...])``, as the console
+must come back as numbers). Both train through ``neuron_torch.cli.commands.main(["train", ...])``, as the console
 script does, into throw-away sqlite stores; the Lightning module is kept to compare against what was logged.
 """
 
@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 
 import conftest
 import neuron_torch
-import neuron_torch.config as cli_module
-from neuron_torch.cli import main
-from neuron_torch.loading import ModelLoadError
-from neuron_torch.tracking import fluent_tracking_uri
+import neuron_torch.cli.config as cli_module
+from neuron_torch.cli.commands import main
+from neuron_torch.errors import ModelLoadError
+from neuron_torch.tracking.run import fluent_tracking_uri
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 IRIS_CLASSES = ["setosa", "versicolor", "virginica"]
@@ -53,7 +53,7 @@ def numeric_frame(m: int = 240, seed: int = 0) -> pd.DataFrame:
 
 
 class KeepCLI:
-    """Stands in for ``neuron_torch.config.build_cli`` and keeps what it built (the trained module)."""
+    """Stands in for ``neuron_torch.cli.config.build_cli`` and keeps what it built (the trained module)."""
 
     def __init__(self, original):
         self.original, self.built = original, []
@@ -171,7 +171,7 @@ def test_figures_include_a_confusion_matrix(trained):
 
 
 def test_confusion_matrix_names_every_class():
-    from neuron_torch import plots
+    from neuron_torch.tracking import figures as plots
 
     y = np.array([0, 1, 2, 2, 1])
     P = np.eye(3)[[0, 2, 2, 1, 1]]  # (5, 3): one row wrong each way between classes 1 and 2
@@ -355,7 +355,7 @@ def test_newton_too_large_for_its_hessian_is_one_line(tracking_uri, runs_of, wri
 def test_metric_keys_take_names_mlflow_refuses():
     """Feature and label names with characters MLflow's keys refuse (iris: ``sepal length (cm)``) are tracked
     under keys with ``_`` in their place, one key per name; the trajectory keeps the names."""
-    from neuron_torch.writer import metric_keys
+    from neuron_torch.tracking.writer import metric_keys
 
     names = ["train/loss", "w/setosa/sepal length (cm)", "b/a+b", "w/../x", "w//y", "a(b", "a)b"]
     keys = metric_keys(names)

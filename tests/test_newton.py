@@ -12,9 +12,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from neuron_torch import SingleNeuron, layers
-from neuron_torch.data import breast_cancer
-from neuron_torch.optim import Newton
+from neuron_torch import SingleNeuron
+from neuron_torch.nn import layers
+from neuron_torch.data.datamodule import breast_cancer
+from neuron_torch.nn.optim import Newton
 
 DTYPE = torch.float64
 

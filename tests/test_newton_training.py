@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-import neuron_torch.config as cli_module
-from neuron_torch.cli import train
+import neuron_torch.cli.config as cli_module
+from neuron_torch.cli.commands import train
 
 L2 = 0.01
 

@@ -1,7 +1,7 @@
 """The hand-written update rules against torch.optim's algorithms, fed the same hand-made gradients.
 
 Two identical float64 DeepNetworks are trained side by side for 100 updates: copy A by
-``neuron_torch.optim.make_update_rule``, copy B by the matching ``torch.optim`` class. Each copy takes its
+``neuron_torch.nn.optim.make_update_rule``, copy B by the matching ``torch.optim`` class. Each copy takes its
 gradients from its own ``net.gradients()``, so any difference in an update also shows up in every later
 gradient; agreement to 1e-6 after 100 steps means the trajectories are the same.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neuron_torch import DeepNetwork
-from neuron_torch.optim import UPDATE_RULES, Adam, GradientDescent, make_update_rule
+from neuron_torch.nn.optim import UPDATE_RULES, Adam, GradientDescent, make_update_rule
 
 DTYPE = torch.float64
 STEPS = 100

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 EVERY_20 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.every_n_train_steps=20", "--trainer.callbacks.save_top_k=-1"]

@@ -15,7 +15,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.preprocessing import StandardScaler
 
 from neuron_torch import SingleNeuron
-from neuron_torch.optim import GradientDescent, make_update_rule
+from neuron_torch.nn.optim import GradientDescent, make_update_rule
 
 
 def sigmoid(z):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_breast_cancer
 
-from neuron_torch.cli import predict, train
+from neuron_torch.cli.commands import predict, train
 from processes import free_port, http_get, kill_group, start_mlflow
 
 FAST = ["--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "10"]

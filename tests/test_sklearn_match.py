@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from neuron_torch import SingleNeuron
-from neuron_torch.optim import make_update_rule
+from neuron_torch.nn.optim import make_update_rule
 
 # Why C = 0.1: standardised breast cancer is nearly separable and badly conditioned (eigenvalues of XᵀX/m run
 # from 1.3e-4 to 13.3). With C = 1 the penalty λ = 1/569 barely curves the flat directions and every hand-written

@@ -16,14 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuron_torch import layers
-from neuron_torch.budget import chunk_rows, default_memory_budget, fits_in_memory, parse_memory_budget, read_reserve
-from neuron_torch.chunks import Prefetch, read_chunks
-from neuron_torch.networks import DeepNetwork, SingleNeuron
-from neuron_torch.shards import check_columns, open_shards, rank_pieces, resolve_paths
-from neuron_torch.split import TEST, TRAIN, VAL, Split, split_of
-from neuron_torch.streaming import StreamedSplit, feature_moments, full_batch
-from neuron_torch.tables import DataError
+from neuron_torch.nn import layers
+from neuron_torch.data.budget import (chunk_rows, default_memory_budget, fits_in_memory, parse_memory_budget, read_reserve)
+from neuron_torch.data.chunks import Prefetch, read_chunks
+from neuron_torch.nn.networks import DeepNetwork, SingleNeuron
+from neuron_torch.data.shards import check_columns, open_shards, rank_pieces, resolve_paths
+from neuron_torch.data.split import TEST, TRAIN, VAL, Split, split_of
+from neuron_torch.data.streaming import StreamedSplit, feature_moments
+from neuron_torch.nn.chunked import full_batch
+from neuron_torch.errors import DataError
 
 FEATURES = [f"f{j}" for j in range(5)]
 # rows per row group, per shard: uneven on purpose, so chunks, row groups, shards and ranks never line up
@@ -399,11 +400,12 @@ def test_prefetch_hands_the_producer_error_to_the_consumer():
 PEAK = textwrap.dedent("""
     import sys
     import numpy as np, torch
-    from neuron_torch.budget import chunk_rows, read_reserve
-    from neuron_torch.networks import SingleNeuron
-    from neuron_torch.shards import open_shards
-    from neuron_torch.split import Split
-    from neuron_torch.streaming import StreamedSplit, full_batch
+    from neuron_torch.data.budget import chunk_rows, read_reserve
+    from neuron_torch.nn.networks import SingleNeuron
+    from neuron_torch.data.shards import open_shards
+    from neuron_torch.data.split import Split
+    from neuron_torch.data.streaming import StreamedSplit
+    from neuron_torch.nn.chunked import full_batch
 
     def status(key):  # kB
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -431,7 +433,7 @@ PEAK = textwrap.dedent("""
 def test_peak_memory_stays_within_the_budget(tmp_path):
     """A table 6× the budget streamed three times: the peak RSS grows by less than the budget plus a slack for
     the allocators' arenas (pyarrow's and the reading thread's). The row groups (2,000 rows, 0.5 MB) are small
-    next to the budget, as :func:`neuron_torch.budget.chunk_rows` requires."""
+    next to the budget, as :func:`neuron_torch.data.budget.chunk_rows` requires."""
     n, budget, slack = 32, 4 << 20, 8 << 20
     X, _ = write_shards(tmp_path / "big", layout=[[2_000] * 10] * 5, n=n)  # 100k × 32 float64: 25.6 MB
     table_bytes = X.nbytes

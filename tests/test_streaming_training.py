@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 import conftest
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 FEATURES = [f"f{j}" for j in range(5)]

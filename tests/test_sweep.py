@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from neuron_torch.cli import train
+from neuron_torch.cli.commands import train
 
 SWEEP = str(Path(__file__).resolve().parents[1] / "configs" / "lr_sweep.yaml")
 SHORT = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar",

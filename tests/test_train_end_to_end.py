@@ -1,6 +1,6 @@
 """``train()`` end to end: runs into a throw-away sqlite store, read back through ``MlflowClient``.
 
-Runs are in-process (``import lightning`` alone costs seconds). A wrapper around ``neuron_torch.cli.build_cli``
+Runs are in-process (``import lightning`` alone costs seconds). A wrapper around ``neuron_torch.cli.commands.build_cli``
 keeps the CLI object (model, data, trainer) for checks against the numbers in the store, and can add callbacks
 to the Trainer, e.g. to interrupt or fail a run at a chosen step.
 """
@@ -23,10 +23,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-import neuron_torch.config as cli_module
+import neuron_torch.cli.config as cli_module
 from conftest import own_log_handler
-from neuron_torch.cli import train
-from neuron_torch.module import ConvergenceWarning
+from neuron_torch.cli.commands import train
+from neuron_torch.train.module import ConvergenceWarning
 
 MAX_STEPS, EVERY, VAL_EVERY = 30, 10, 10  # the fast_args fixture's steps and validation, and a metric cadence
 
@@ -83,7 +83,7 @@ def gd_pieces(X: np.ndarray, Y: np.ndarray, w: np.ndarray, b: float):
 
 
 class CLIKeeper:
-    """Stands in for ``neuron_torch.cli.build_cli``: builds the real CLI, adds callbacks, keeps the result."""
+    """Stands in for ``neuron_torch.cli.commands.build_cli``: builds the real CLI, adds callbacks, keeps the result."""
 
     def __init__(self, original, callbacks=()):
         self.original, self.callbacks, self.built = original, list(callbacks), []
@@ -525,7 +525,7 @@ def test_exception_marks_the_run_failed(run_train, tracking_uri, runs_of, tmp_pa
 
 def interrupt_while_logging_the_config(monkeypatch):
     """Ctrl-C while the run's config is uploaded: inside the MLflow run, before trainer.fit."""
-    from neuron_torch import tracking
+    from neuron_torch.tracking import run as tracking
 
     def interrupted(self, text, artifact_file):
         raise KeyboardInterrupt
@@ -558,7 +558,7 @@ def slow_writer(monkeypatch):
     of trajectory rows takes 0.3 s to write, so the end of the run arrives while rows are still queued."""
     import time
 
-    from neuron_torch import tracking
+    from neuron_torch.tracking import run as tracking
 
     original = tracking.MetricWriter._append_trajectory
 
@@ -618,7 +618,7 @@ def test_ctrl_c_in_a_real_process_marks_the_run_killed(tracking_uri, runs_of, tm
     import time
 
     db = tmp_path / "mlflow.db"
-    script = Path(cli_module.__file__).resolve().parents[1] / "train.py"
+    script = Path(cli_module.__file__).resolve().parents[2] / "train.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), "--trainer.max_steps", "10000000", "--trainer.enable_progress_bar", "false",
          "--trainer.val_check_interval", "50", "--mlflow.log_every_n_steps", "1"],

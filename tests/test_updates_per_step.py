@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from neuron_torch.cli import build_cli, train
+from neuron_torch.cli.commands import build_cli, train
 
 BASE = ["--trainer.enable_progress_bar", "false", "--trainer.precision", "64-true",
         "--trainer.enable_checkpointing", "false"]
@@ -134,7 +134,7 @@ def test_a_plain_dataloader_of_lists_is_one_batch_per_step(tmp_path):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from neuron_torch.module import NeuronModule
+    from neuron_torch.train.module import NeuronModule
 
     X, Y = torch.randn(40, 3), (torch.rand(40, 1) > 0.5).float()
     model = NeuronModule(["a", "b", "c"], learning_rate=0.1)

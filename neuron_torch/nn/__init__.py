@@ -1,0 +1,2 @@
+"""The math and the networks: layers (each forward line beside its derivative), networks with hand-written
+backprop, the update rules, and the coefficient table's statistics. Plain torch: no Lightning, no MLflow."""
