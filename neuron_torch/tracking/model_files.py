@@ -121,7 +121,7 @@ def log_model_files(tracking_uri: str, run_id: str, folder: Path, register_as: O
     from mlflow.models import ModelSignature
 
     import neuron_torch
-    from neuron_torch.tracking import pyfunc as pyfunc_model
+    from neuron_torch.tracking import pyfunc_model
 
     folder = Path(folder)
     with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
