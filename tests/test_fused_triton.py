@@ -53,6 +53,7 @@ CASES = {
 # the child: every case under the interpreter, results saved for the tests (tensors only, read weights_only)
 CHILD = """
 import sys, torch
+from neuron_torch.kernels import fused_triton
 assert fused_triton.interpreting()
 cases = torch.load(sys.argv[1], weights_only=True)
 torch.save({k: fused_triton.triton_pass(*v) for k, v in cases.items()}, sys.argv[2])
