@@ -161,7 +161,8 @@ def lightning_per_update(size: str, m: int, n: int, device: str, steps: tuple[in
     from neuron_torch.cli.commands import build_cli
     tracked = importlib.util.find_spec("mlflow") is not None
     if tracked:
-        from neuron_torch.tracking import run as tracking
+        from neuron_torch.tracking.callback import MLflowTracking
+        from neuron_torch.tracking.run import TrackedRun
     else:
         print("  Lightning + MLflow rows skipped: mlflow is not installed")
 
@@ -185,8 +186,8 @@ def lightning_per_update(size: str, m: int, n: int, device: str, steps: tuple[in
                 cli = build_cli(common + extra + ["--trainer.max_steps", str(k)])
                 run = None
                 if track:
-                    run = tracking.TrackedRun(uri, "bench").__enter__()
-                    cli.trainer.callbacks.append(tracking.MLflowTracking(run))
+                    run = TrackedRun(uri, "bench").__enter__()
+                    cli.trainer.callbacks.append(MLflowTracking(run))
                 t0 = time.perf_counter()
                 cli.trainer.fit(cli.model, datamodule=cli.datamodule)
                 if run is not None:

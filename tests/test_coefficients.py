@@ -244,12 +244,12 @@ def test_a_run_logs_coefficients_csv(tracking_uri, fast_args, tmp_path, monkeypa
     end of the run prints it."""
     from mlflow import MlflowClient
 
-    from neuron_torch.tracking import model_files as artifacts
+    from neuron_torch.tracking import figures, model_files
     from neuron_torch.cli.commands import main
 
     # the model and the figures have tests of their own; this one reads the coefficients alone, in half the time
-    monkeypatch.setattr(artifacts, "log_model", lambda *args, **kwargs: None)
-    monkeypatch.setattr(artifacts, "log_figures", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model_files, "log_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(figures, "log_figures", lambda *args, **kwargs: None)
 
     X_raw, y, names = binary_table() if k == 2 else three_class_table(150)
     labels = np.array(["no", "yes"])[y.astype(int)] if k == 2 else np.array(["a", "b", "c"])[y]

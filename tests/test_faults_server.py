@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from neuron_torch.tracking import run as tracking
+from neuron_torch.tracking import callback, spool
 from neuron_torch.cli.commands import train
 from processes import free_port, kill_group, log_tail, start_mlflow
 
@@ -127,7 +127,7 @@ def near_server(server, tmp_path, monkeypatch):
 
 def at_updates(monkeypatch, actions: dict[int, callable]) -> None:
     """Run ``actions[k](tracker)`` on the training thread once the run has done k updates."""
-    original = tracking.MLflowTracking.on_train_batch_end
+    original = callback.MLflowTracking.on_train_batch_end
     due = dict(actions)
 
     def hooked(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -136,7 +136,7 @@ def at_updates(monkeypatch, actions: dict[int, callable]) -> None:
             if trainer.global_step >= k:
                 due.pop(k)(self)
 
-    monkeypatch.setattr(tracking.MLflowTracking, "on_train_batch_end", hooked)
+    monkeypatch.setattr(callback.MLflowTracking, "on_train_batch_end", hooked)
 
 
 def send_then_kill(env):
@@ -332,7 +332,7 @@ def test_sync_marks_runs_of_dead_processes_killed(near_server, tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(timeout=60)
     experiment = client.create_experiment("stale-runs")
-    runs = {name: client.create_run(experiment, run_name=name, tags={tracking.HOST_TAG: h, tracking.PID_TAG: pid})
+    runs = {name: client.create_run(experiment, run_name=name, tags={spool.HOST_TAG: h, spool.PID_TAG: pid})
             for name, h, pid in [("dead", host, str(gone.pid)), ("alive", host, str(os.getpid())),
                                  ("elsewhere", "another-host", str(gone.pid))]}
     done = subprocess.run(SYNC, capture_output=True, text=True, timeout=300, cwd=tmp_path)

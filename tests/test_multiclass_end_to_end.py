@@ -25,7 +25,7 @@ import neuron_torch
 import neuron_torch.cli.config as cli_module
 from neuron_torch.cli.commands import main
 from neuron_torch.errors import ModelLoadError
-from neuron_torch.tracking.run import fluent_tracking_uri
+from neuron_torch.tracking.uri import fluent_tracking_uri
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 IRIS_CLASSES = ["setosa", "versicolor", "virginica"]

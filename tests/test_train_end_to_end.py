@@ -558,15 +558,15 @@ def slow_writer(monkeypatch):
     of trajectory rows takes 0.3 s to write, so the end of the run arrives while rows are still queued."""
     import time
 
-    from neuron_torch.tracking import run as tracking
+    from neuron_torch.tracking.writer import MetricWriter
 
-    original = tracking.MetricWriter._append_trajectory
+    original = MetricWriter._append_trajectory
 
     def slow(self, steps, rows):
         time.sleep(0.3)
         original(self, steps, rows)
 
-    monkeypatch.setattr(tracking.MetricWriter, "_append_trajectory", slow)
+    monkeypatch.setattr(MetricWriter, "_append_trajectory", slow)
 
 
 @pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED")])

@@ -35,7 +35,9 @@ class MLflowSettings:
     experiment : str
         Experiment name (created when missing).
     run_name : str, optional
-        Run name; MLflow picks one when unset.
+        Run name; default: what differs between runs, then the time of day, as ``gd-lr0.5-neuron-153514-a3``
+        or ``adam-lr0.02-16x16-153514-7f`` (:func:`neuron_torch.cli.summary.run_name`); a sweep's parent
+        ``sweep-<keys>-<time>``.
     log_every_n_steps : int, optional
         Cadence of the per-update metrics (``train/loss``, ``b``, ``w/<feature>``, ...); default: 100 points
         per metric over ``trainer.max_steps``. The trajectory artifact keeps every update.
@@ -108,8 +110,8 @@ class NeuronCLI(LightningCLI):
 
     def add_core_arguments_to_parser(self, parser) -> None:
         # --help lists the project's own sections first (model, data, mlflow, sweep), Lightning's Trainer last
-        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
-        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
         parser.add_class_arguments(MLflowSettings, "mlflow")
         parser.add_class_arguments(SweepSettings, "sweep")
         parser.add_lightning_class_args(self.trainer_class, "trainer")
@@ -123,21 +125,27 @@ class NeuronCLI(LightningCLI):
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with what the project adds to its config: a progress display, a checkpoint at the end,
+        and the validation interval in training steps (:meth:`_in_training_steps`)."""
+        config = {**self.config_init.get("trainer"), **kwargs}
+        callbacks = list(config.get("callbacks") or [])
+        given = callbacks + [self.config_init.get(key) for key in self.parser.callback_keys]
         # a bar of updates in a terminal, one line per validation in a log or a pipe; a config's own bar wins
-        given = list(config.get("callbacks") or []) + callbacks
         if not any(isinstance(c, ProgressBar) for c in given):
             shown = progress_callback(config.get("enable_progress_bar") is not False)
             if isinstance(shown, ValidationLines):  # not a terminal: no bar at all, Lightning's default included
-                config = {**config, "enable_progress_bar": False}
-            callbacks = callbacks + ([shown] if shown is not None else [])
+                kwargs["enable_progress_bar"] = False
+            callbacks += [shown] if shown is not None else []
         if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             # training is one epoch whose end is max_steps: save there, whatever the validation interval
-            callbacks = callbacks + [ModelCheckpoint(save_on_train_epoch_end=True)]
-        return super()._instantiate_trainer(self._in_training_steps(config, given), callbacks)
+            callbacks.append(ModelCheckpoint(save_on_train_epoch_end=True))
+        kwargs["callbacks"] = callbacks
+        kwargs.update(self._in_training_steps(config))
+        return super().instantiate_trainer(**kwargs)
 
-    def _in_training_steps(self, config: dict, callbacks: list) -> dict:
-        """The Trainer's config with ``val_check_interval`` turned from updates into training steps.
+    def _in_training_steps(self, config: dict) -> dict:
+        """``val_check_interval`` turned from updates into training steps (for the Trainer), when it is a count.
 
         Each training step runs ``model.updates_per_step`` updates; that count is lowered to a divisor of the
         validation interval, of any checkpoint interval and of a resumed checkpoint's update count, so
@@ -150,14 +158,21 @@ class NeuronCLI(LightningCLI):
         resumed_at = _global_step_of(self.config.get("ckpt_path"))
         if resumed_at:  # a resumed run's steps must start on a step boundary too
             intervals.append(resumed_at)
-        intervals += [c._every_n_train_steps for c in callbacks
-                      if isinstance(c, ModelCheckpoint) and c._every_n_train_steps]
+        intervals += self._checkpoint_intervals()
         for interval in intervals:
             k = math.gcd(k, interval)
         self.model.updates_per_step = k
-        if isinstance(every, int):
-            config = {**config, "val_check_interval": every // k}
-        return config
+        return {"val_check_interval": every // k} if isinstance(every, int) else {}
+
+    def _checkpoint_intervals(self) -> list[int]:
+        """``every_n_train_steps`` of each ModelCheckpoint the config gives (read from the parsed config, as
+        set), where it is set."""
+        parsed, built = _as_list(self.config.get("trainer.callbacks")), _as_list(self.config_init.get("trainer.callbacks"))
+        for key in self.parser.callback_keys:  # callbacks of their own config sections
+            parsed.append(self.config.get(key))
+            built.append(self.config_init.get(key))
+        return [int(c.get("init_args.every_n_train_steps")) for c, instance in zip(parsed, built)
+                if isinstance(instance, ModelCheckpoint) and c.get("init_args.every_n_train_steps")]
 
 
 def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
@@ -175,13 +190,20 @@ def build_cli(args: Optional[list[str]] = None) -> NeuronCLI:
                        "description": "Train a hand-written sigmoid neuron (or deeper network), "
                                       "tracked in MLflow."},
         trainer_defaults={
-            "logger": False,  # tracking is MLflow's, through neuron_torch.tracking.run
+            "logger": False,  # tracking is MLflow's, through neuron_torch.tracking (run, callback)
             "check_val_every_n_epoch": None,  # training is one long epoch: validate every N steps
             "num_sanity_val_steps": 0,
             "enable_model_summary": False,
             "precision": "32-true",  # stated, so the logged config says float32
         },
     )
+
+
+def _as_list(value) -> list:
+    """A new list of a config's callbacks: one given alone, a list, or none."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _global_step_of(ckpt_path: Optional[str]) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import shlex
 import time
 import uuid
-from pathlib import Path
 from typing import Optional, Sequence
+
+from neuron_torch.tracking.spool import shown_path
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
@@ -65,16 +66,8 @@ def resume_command(argv: Sequence[str], checkpoint: str, max_steps: int) -> str:
         if arg.startswith(("--ckpt_path=", "--trainer.max_steps=")):
             continue
         kept.append(arg)
-    return shlex.join(["python", "train.py", *kept, "--ckpt_path", _shown(checkpoint),
+    return shlex.join(["python", "train.py", *kept, "--ckpt_path", shown_path(checkpoint),
                        "--trainer.max_steps", str(max_steps)])
-
-
-def _shown(path: str) -> str:
-    """A path as short as it can be said from here: relative to the working folder when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def run_summary(run, tracking_uri: str, results: dict[str, float], updates: int, argv: Sequence[str],

@@ -17,8 +17,9 @@ from typing import Optional
 from neuron_torch.errors import first_line
 from neuron_torch.cli.console import setup_logging, user_error
 from neuron_torch.tracking.reachability import bound_http_retries, is_unreachable, reason, why_silent
-from neuron_torch.tracking.spool import HOST_TAG, KEPT_EXIT, PID_TAG, Spool, SpoolBusy, Tally, deliver, find
-from neuron_torch.tracking.writer import shown_path
+from neuron_torch.tracking.spool import (HOST_TAG, KEPT_EXIT, PID_TAG, Spool, SpoolBusy, Tally, deliver, find,
+                                         shown_path)
+from neuron_torch.tracking.uri import resolve_tracking_uri
 
 ENDED_TAG = "neuron_torch.ended_by"  # on a run that sync marked KILLED: why
 
@@ -57,8 +58,8 @@ def sync(args: Optional[list[str]] = None) -> int:
         stores[meta["tracking_uri"]] = None
         if not _replay(spool, meta):
             waiting.add(meta["run_id"])
-    # the option names the store to check; else the one a run would use (tracking.resolve_tracking_uri's order)
-    stores[options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"] = None
+    # the option names the store to check; else the one a run would use
+    stores[options.tracking_uri or resolve_tracking_uri(None)] = None
     ended = sum(_end_orphans(uri, waiting) for uri in stores)
     if not spools and not ended:
         print("nothing to send: no spool found under " + ", ".join(map(str, options.paths or ["checkpoints"])))

@@ -64,9 +64,13 @@ def train(args: Optional[list[str]] = None) -> int:
         return 0
 
     # tracking: the run exists from here on and always ends FINISHED, FAILED or KILLED
-    from neuron_torch.tracking import model_files as artifacts, reachability, store, run as tracking  # imports MLflow, which --help and config errors need not wait for
+    # imported here: --help and config errors need not wait for the tracking side
+    from neuron_torch.tracking import callback, figures, model_files, reachability, store
+    from neuron_torch.tracking.run import TrackedRun
+    from neuron_torch.tracking.spool import KEPT_EXIT
+    from neuron_torch.tracking.uri import resolve_tracking_uri
 
-    uri = tracking.resolve_tracking_uri(settings.tracking_uri)
+    uri = resolve_tracking_uri(settings.tracking_uri)
     # a tracking server that does not answer: one line now, not minutes of retries (and MLflow's retries bounded)
     silent = reachability.store_error(uri)
     if silent:
@@ -100,11 +104,11 @@ def train(args: Optional[list[str]] = None) -> int:
     run = None
     signals = stopping.StopSignals()  # SIGINT/SIGTERM: stop after the update in progress, keep a checkpoint
     try:
-        with signals, tracking.TrackedRun(uri, settings.experiment, run_name, tags) as run:
+        with signals, TrackedRun(uri, settings.experiment, run_name, tags) as run:
             run.log_params(_flat_config(cli))
             config_yaml = cli.parser.dump(cli.config, skip_unset=False)
             run.log_text(config_yaml, "config.yaml")
-            tracker = tracking.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
+            tracker = callback.MLflowTracking(run, settings.log_every_n_steps, settings.max_weight_metrics)
             trainer.callbacks.append(tracker)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath is None:
                 trainer.checkpoint_callback.dirpath = str(store.checkpoint_folder(trainer) / run.run_id)
@@ -120,16 +124,16 @@ def train(args: Optional[list[str]] = None) -> int:
             results = trainer.test(model, datamodule=data, verbose=False)[0]
             _release_process_group()  # the last collective is done: what follows is rank 0's alone
 
-            run.log_text(artifacts.weight_table(model).to_csv(index=False), "weights.csv")
+            run.log_text(model_files.weight_table(model).to_csv(index=False), "weights.csv")
             from neuron_torch.nn.coefficients import format_table, table_from_module
 
             coefficients = table_from_module(model, data)  # None with hidden layers (no coefficients)
             if coefficients is not None:
                 run.log_text(coefficients.to_csv(index=False), "coefficients.csv")
                 run.log_text(format_table(coefficients), "coefficients.txt")  # with its status line
-            artifacts.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
-                               settings.register_as)
-            artifacts.log_figures(run, tracker, model, data)
+            model_files.log_model(run, model, data.raw_split("test")[0][:5], data.classes, config_yaml,
+                                  settings.register_as)
+            figures.log_figures(run, tracker, model, data)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
                 run.set_tag("checkpoint", trainer.checkpoint_callback.best_model_path)
     except stopping.Interrupted as stop:
@@ -157,7 +161,7 @@ def train(args: Optional[list[str]] = None) -> int:
                               held_out))
     if coefficients is not None and len(coefficients) <= 20:  # a longer table is read from coefficients.csv
         print(format_table(coefficients))
-    return tracking.KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
+    return KEPT_EXIT if run.kept else 0  # its server did not take everything: see `neuron-torch sync`
 
 
 def _storage_problem(data, model, trainer) -> Optional[str]:
@@ -213,8 +217,9 @@ def _interrupted(stop: "stopping.Interrupted", run_id: str, argv: list[str], max
 
 def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags: dict[str, str]) -> int:
     """A parent run whose children are the grid's points, each trained as its own ``train`` call."""
-    from neuron_torch.tracking import run as tracking
     from neuron_torch.cli.sweep import SHORT_NAMES, SweepIncomplete, run_sweep
+    from neuron_torch.tracking.run import TrackedRun
+    from neuron_torch.tracking.spool import KEPT_EXIT
 
     flat = _flat_config(cli)
     unknown = [key for key in sweep.grid if key not in flat or key.startswith(("sweep.", "mlflow."))]
@@ -227,7 +232,7 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
     name = settings.run_name or f"sweep-{keys}-{time.strftime('%H%M%S')}"  # short: the UI cuts names at ~24
     run = None
     try:
-        with tracking.TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
+        with TrackedRun(uri, settings.experiment, name, {**tags, "sweep": "parent"}) as run:
             run.log_params(flat)
             run.log_text(cli.parser.dump(cli.config, skip_unset=False), "config.yaml")
             children, best_id = run_sweep(run, sweep, args)
@@ -239,7 +244,7 @@ def _sweep(cli: NeuronCLI, sweep: SweepSettings, args: list[str], uri: str, tags
     except SweepIncomplete as err:  # each child said why in its own output; the parent is FAILED
         return user_error(err)
     print(summary.sweep_summary(run, uri, sweep.metric, children, best_id))
-    return tracking.KEPT_EXIT if run.kept else 0
+    return KEPT_EXIT if run.kept else 0
 
 
 def _flat_config(cli: NeuronCLI) -> dict[str, object]:

@@ -40,26 +40,24 @@ def _at_least_one(value) -> bool:
     return value is not None and value >= 1
 
 
-# key → (check, what the value must be); a None value is checked only where the key has no None default
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.learning_rate": (_positive, "a number > 0"),
-    "model.l2": (_non_negative, "a number >= 0"),
-    "model.momentum": (_unit_interval, "in [0, 1)"),
-    "model.eps": (_positive, "a number > 0"),
-    "model.lr_step_size": (_at_least_one, "an integer >= 1"),
-    "model.lr_gamma": (_positive, "a number > 0"),
-    "model.tol": (_non_negative, "a number >= 0 (0 runs every step)"),
-    "model.updates_per_step": (_at_least_one, "an integer >= 1"),
-    "data.n_samples": (_at_least_one, "an integer >= 1"),
-    "data.n_features": (_at_least_one, "an integer >= 1"),
-    "data.noise": (_non_negative, "a number >= 0"),
-    "trainer.max_steps": (_at_least_one, "an integer >= 1: training is one stream of updates"),
-    "mlflow.max_weight_metrics": (_non_negative, "an integer >= 0"),
-    "sweep.workers": (_at_least_one, "an integer >= 1"),
-}
-OPTIONAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {  # None is allowed and means the default
-    "data.batch_size": (_at_least_one, "an integer >= 1, or null for full batch"),
-    "mlflow.log_every_n_steps": (_at_least_one, "an integer >= 1, or null for about 100 points per metric"),
+# key → (check, what the value must be, whether null is allowed: it means the default); each range once, here
+RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "model.learning_rate": (_positive, "a number > 0", False),
+    "model.l2": (_non_negative, "a number >= 0", False),
+    "model.momentum": (_unit_interval, "in [0, 1)", False),
+    "model.eps": (_positive, "a number > 0", False),
+    "model.lr_step_size": (_at_least_one, "an integer >= 1", False),
+    "model.lr_gamma": (_positive, "a number > 0", False),
+    "model.tol": (_non_negative, "a number >= 0 (0 runs every step)", False),
+    "model.updates_per_step": (_at_least_one, "an integer >= 1", False),
+    "data.n_samples": (_at_least_one, "an integer >= 1", False),
+    "data.n_features": (_at_least_one, "an integer >= 1", False),
+    "data.noise": (_non_negative, "a number >= 0", False),
+    "trainer.max_steps": (_at_least_one, "an integer >= 1: training is one stream of updates", False),
+    "mlflow.max_weight_metrics": (_non_negative, "an integer >= 0", False),
+    "sweep.workers": (_at_least_one, "an integer >= 1", False),
+    "data.batch_size": (_at_least_one, "an integer >= 1, or null for full batch", True),
+    "mlflow.log_every_n_steps": (_at_least_one, "an integer >= 1, or null for about 100 points per metric", True),
 }
 
 
@@ -71,10 +69,8 @@ def check_config(config) -> None:
     ConfigError
         For the first key out of its range, naming the key, the value and what it must be.
     """
-    for key, (ok, must) in RULES.items():
-        _check(config, key, ok, must, optional=False)
-    for key, (ok, must) in OPTIONAL_RULES.items():
-        _check(config, key, ok, must, optional=True)
+    for key, (ok, must, optional) in RULES.items():
+        _check(config, key, ok, must, optional)
     betas = config.get("model.betas")
     if betas is not None and not all(_unit_interval(beta) for beta in betas):
         raise ConfigError(f"model.betas must both be in [0, 1), got {list(betas)}")
@@ -110,7 +106,7 @@ def _check_trainer(config) -> None:
 
 
 def _check_mlflow(config) -> None:
-    from neuron_torch.tracking.run import resolve_tracking_uri
+    from neuron_torch.tracking.uri import resolve_tracking_uri
 
     experiment = config.get("mlflow.experiment")
     if experiment is None or not str(experiment).strip():

@@ -35,8 +35,9 @@ class for k > 2 as scikit-learn's ``coef_`` (the penalty picks one representativ
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,14 +53,14 @@ Z_975 = 1.959963984540054  # Φ⁻¹(0.975): the 95 % interval is estimate ± 1.
 
 # Above this the Hessian's inverse is dominated by one or two directions along which the likelihood is flat:
 # a constant or collinear feature, or quasi-complete separation driving some weights towards infinity. On
-# standardised columns a well-posed fit sits orders of magnitude below (1e1–1e3 on the tables tested); the
-# inverse itself would still be accurate to κ·ε ≈ 1e-6, so the limit is about the statistics, not rounding.
+# standardised columns a well-posed fit sits orders of magnitude below; the inverse itself would still be
+# accurate to κ·ε ≈ 1e-6, so the limit is about the statistics, not rounding.
 CONDITION_LIMIT = 1e10
 # The fit counts as converged when one more Newton step would move it by less than this many standard errors
 # (the Newton decrement √(gᵀ·H⁻¹·g · Σw)), whatever the update rule and its tol were.
 STEP_LIMIT = 1e-3
-# m·N² multiply-adds of the Hessian (N parameters): past this the standard errors are skipped rather than
-# keep the end of a run busy for minutes (5e10 is a few seconds on one CPU core).
+# m·N² multiply-adds of the Hessian (N parameters): past this the standard errors are skipped, so that the
+# end of a run does not outlast the training it reports on.
 WORK_LIMIT = 5e10
 
 
@@ -101,8 +102,6 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
         ``status`` (one line: where the standard errors come from, or why there are none, and what the
         estimates are contrasts of) and ``reference`` (``classes[0]``, or None for a penalised k-class fit).
     """
-    import pandas as pd
-
     if not isinstance(net, LinearModel):
         raise TypeError(f"{type(net).__name__} has hidden layers: its weights are not coefficients of the "
                         "features; the table is for SingleNeuron and SoftmaxRegression")
@@ -134,19 +133,20 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
     else:
         cov, status = _covariance(theta, J, X, Y, weight, converged)
 
-    rows = []
-    for c, label in enumerate(labels):
-        order = [n, *range(n)]  # (intercept) first, as statsmodels' add_constant and R print it
+    table = linear_table(estimate[:, :n].numpy(), estimate[:, n].numpy(), [str(f) for f in feature_names], labels)
+    statistics = {column: [] for column in COLUMNS[2:]}
+    order = [n, *range(n)]  # the builder's order: (intercept) first, then the features
+    for c in range(len(labels)):
         se = cov[c].diagonal().sqrt() if cov is not None else torch.full((n + 1,), math.nan, dtype=torch.float64)
         est = estimate[c]
         z = est / se
         p = torch.special.erfc(z.abs() / math.sqrt(2))  # two-sided, normal: 2·(1 − Φ(|z|))
-        for j in order:
-            row = {"feature": INTERCEPT if j == n else str(feature_names[j]), "estimate": float(est[j]),
-                   "std_error": float(se[j]), "z": float(z[j]), "p_value": float(p[j]),
-                   "ci_low": float(est[j] - Z_975 * se[j]), "ci_high": float(est[j] + Z_975 * se[j])}
-            rows.append({"class": label, **row} if multinomial else row)
-    table = pd.DataFrame(rows, columns=(["class"] if multinomial else []) + COLUMNS)
+        for column, values in (("std_error", se), ("z", z), ("p_value", p), ("ci_low", est - Z_975 * se),
+                               ("ci_high", est + Z_975 * se)):
+            statistics[column] += values[order].tolist()
+    table = table.assign(**statistics)
+    if not multinomial:
+        table = table.drop(columns="class")
     if not multinomial:
         status += f"; log-odds of {labels[0]!r} against {reference!r}"
     elif reference is not None:
@@ -154,6 +154,46 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
     table.attrs["status"] = status
     table.attrs["reference"] = reference
     return table
+
+
+def linear_table(W, b, feature_names: Sequence[str], labels: Sequence, intercept: Literal["row", "column"] = "row"
+                 ) -> "pandas.DataFrame":
+    """A linear layer's parameters as a table, unit by unit: the one layout of every coefficient and weight table.
+
+    Parameters
+    ----------
+    W : array-like, shape (k, n)
+        One row of weights per output unit.
+    b : array-like, shape (k,)
+        The units' biases.
+    feature_names : sequence, length n
+    labels : sequence, length k
+        What each unit stands for (its class).
+    intercept : {"row", "column"}
+        ``"row"``: columns ``class, feature, estimate``, per unit the bias as the row ``(intercept)`` first,
+        then one row per feature (statsmodels' and R's order), k·(n + 1) rows. ``"column"``: columns ``class,
+        feature, weight, bias``, one row per feature with the unit's bias beside it, k·n rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    import pandas as pd
+
+    W = np.asarray(W, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    k, n = W.shape
+    names = np.empty(n, dtype=object)
+    names[:] = list(feature_names)
+    units = np.empty(k, dtype=object)
+    units[:] = list(labels)
+    if intercept == "column":
+        return pd.DataFrame({"class": np.repeat(units, n), "feature": np.tile(names, k),
+                             "weight": W.reshape(-1), "bias": np.repeat(b, n)})
+    theta = np.concatenate([b[:, None], W], axis=1)  # (k, n + 1): (intercept) first
+    features = np.concatenate([np.array([INTERCEPT], dtype=object), names])
+    return pd.DataFrame({"class": np.repeat(units, n + 1), "feature": np.tile(features, k),
+                         "estimate": theta.reshape(-1)})
 
 
 def _scaling_jacobian(mu: Tensor, sigma: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Figures logged with a run (matplotlib, drawn off-screen)."""
+"""Figures logged with a run (matplotlib, drawn off-screen), and the call that logs them."""
 
 from __future__ import annotations
 
@@ -227,3 +227,41 @@ def sweep_overlay(curves: dict):
     ax.set_title("training loss per run")
     fig.tight_layout()
     return fig
+
+
+def log_figures(run, tracker, module, datamodule) -> None:
+    """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
+    for two-feature data, as PNG artifacts under ``plots/``.
+
+    Two classes: one ROC curve of label 1, a 2×2 confusion matrix at threshold 0.5. k classes: one-vs-rest ROC
+    curves (one per class present among the test rows with some rows of other classes), a k×k confusion
+    matrix of the most probable class.
+
+    Parameters
+    ----------
+    run : TrackedRun
+        Where the figures go (``log_figure``).
+    tracker : MLflowTracking
+        The run's callback: ``history()`` and ``validation`` give the curves.
+    module : LightningModule
+        The trained module: ``predict_proba`` of raw features, ``feature_names``.
+    datamodule : LightningDataModule
+        ``raw_split("test")``, ``raw_split("train")`` (raw features, class indices) and ``classes``.
+    """
+    import pandas as pd
+
+    history = tracker.history()
+    if len(history):
+        run.log_figure(loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
+        run.log_figure(trajectories(history), "plots/trajectories.png")
+    X_raw, y = datamodule.raw_split("test")
+    probability = module.predict_proba(torch.from_numpy(X_raw)).double().cpu().numpy()  # (m, 1) or (m, k)
+    classes = list(datamodule.classes)
+    if len(classes) == 2:
+        probability = probability[:, 0]  # (m,) of label 1
+    if len(np.unique(y)) >= 2:  # a ROC curve needs positives and negatives among the test rows
+        run.log_figure(roc_curve(y, probability, classes), "plots/roc.png")
+    run.log_figure(confusion_matrix(y, probability, classes), "plots/confusion_matrix.png")
+    if len(module.feature_names) == 2:
+        run.log_figure(decision_boundary(module, *datamodule.raw_split("train"), module.feature_names, classes),
+                       "plots/decision_boundary.png")

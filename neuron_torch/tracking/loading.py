@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 
-from neuron_torch.errors import DataError, ModelLoadError, first_line
 from neuron_torch.data.tables import feature_matrix
+from neuron_torch.errors import DataError, ModelLoadError, first_line
+from neuron_torch.tracking.uri import fluent_tracking_uri
 
 if TYPE_CHECKING:
     import pandas
@@ -274,8 +275,6 @@ def _fetch(uri: str, name: str, scratch: Path, tracking_uri: Optional[str]) -> O
 
     store = contextlib.nullcontext()
     if tracking_uri is not None:
-        from neuron_torch.tracking.run import fluent_tracking_uri
-
         # MLflow resolves runs:/<id>/model to the run's logged model with a client of the default store, whatever
         # tracking_uri says (ModelsArtifactRepository); the fluent URI points that client at the store asked for
         store = fluent_tracking_uri(tracking_uri)

@@ -1,4 +1,4 @@
-"""What a finished run leaves in MLflow besides metrics: the weight table, the model and the figures."""
+"""What a finished run leaves in MLflow besides metrics and figures: the weight table and the model."""
 
 from __future__ import annotations
 
@@ -8,14 +8,25 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from neuron_torch.tracking.run import MLflowTracking, TrackedRun, fluent_tracking_uri
+from neuron_torch.nn.coefficients import linear_table
+from neuron_torch.nn.networks import LinearModel
+from neuron_torch.tracking.loading import probability_columns
+from neuron_torch.tracking.uri import fluent_tracking_uri
 
 if TYPE_CHECKING:
     import pandas
 
+# MLflow copies this file into the model and runs it where the model is loaded (a model from code)
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
+
 
 def weight_table(module) -> "pandas.DataFrame":
-    """The trained parameters as a table.
+    """The trained parameters as a table, on the scale the network saw (standardised features).
+
+    Parameters
+    ----------
+    module : LightningModule
+        Holds ``net`` (a network of :mod:`neuron_torch.nn.networks`), ``feature_names`` and ``classes``.
 
     Returns
     -------
@@ -27,19 +38,13 @@ def weight_table(module) -> "pandas.DataFrame":
     """
     import pandas as pd
 
-    from neuron_torch.nn.networks import SingleNeuron, SoftmaxRegression
-
     net = module.net
-    if isinstance(net, SingleNeuron):
-        w = net.linear.weight.detach().double().cpu().numpy()[0]
-        b = float(net.linear.bias.detach().double().cpu())
-        return pd.DataFrame({"feature": module.feature_names, "weight": w, "bias": b})
-    if isinstance(net, SoftmaxRegression):
-        W = net.linear.weight.detach().double().cpu().numpy()  # (k, n)
-        b = net.linear.bias.detach().double().cpu().numpy()  # (k,)
-        k, n = W.shape
-        return pd.DataFrame({"class": np.repeat(module.classes, n), "feature": np.tile(module.feature_names, k),
-                             "weight": W.reshape(-1), "bias": np.repeat(b, n)})
+    if isinstance(net, LinearModel):
+        W = net.linear.weight.detach().double().cpu().numpy()  # (k_out, n), k_out = 1 for the sigmoid unit
+        b = net.linear.bias.detach().double().cpu().numpy()  # (k_out,)
+        labels = module.classes[-1:] if len(W) == 1 else module.classes  # the sigmoid unit: label 1's log-odds
+        table = linear_table(W, b, module.feature_names, labels, intercept="column")
+        return table.drop(columns="class") if len(W) == 1 else table
     rows = []
     for name, p in net.named_parameters():
         values = p.detach().double().cpu().numpy().reshape(p.shape[0], -1)
@@ -47,7 +52,7 @@ def weight_table(module) -> "pandas.DataFrame":
     return pd.DataFrame(rows, columns=["parameter", "row", "column", "value"])
 
 
-def log_model(run: TrackedRun, module, X_example: np.ndarray, classes: Sequence[str], config_yaml: str,
+def log_model(run, module, X_example: np.ndarray, classes: Sequence[str], config_yaml: str,
               register_as: Optional[str] = None) -> None:
     """Log the trained network to ``run`` as a pyfunc model under ``model``, from code, with no pickle.
 
@@ -87,8 +92,6 @@ def save_model_files(module, X_example: np.ndarray, classes: Sequence[str], conf
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    from neuron_torch.tracking.loading import probability_columns
-
     hp = module.hparams
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in module.net.state_dict().items()}, folder / "weights.pt")
@@ -121,14 +124,13 @@ def log_model_files(tracking_uri: str, run_id: str, folder: Path, register_as: O
     from mlflow.models import ModelSignature
 
     import neuron_torch
-    from neuron_torch.tracking import pyfunc_model
 
     folder = Path(folder)
     with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         # start_run resumes our run; its final status is set again after the model
         mlflow.pyfunc.log_model(
             name="model",
-            python_model=pyfunc_model.__file__,
+            python_model=str(PYFUNC_MODEL),
             artifacts={"weights": str(folder / "weights.pt"), "meta": str(folder / "meta.json"),
                        "config": str(folder / "config.yaml")},
             registered_model_name=register_as,
@@ -137,32 +139,3 @@ def log_model_files(tracking_uri: str, run_id: str, folder: Path, register_as: O
             input_example=pd.read_parquet(folder / "input_example.parquet"),
             pip_requirements=["torch", "pandas", "numpy", "mlflow"],
         )
-
-
-def log_figures(run: TrackedRun, tracker: MLflowTracking, module, datamodule) -> None:
-    """Loss curves, w/b trajectories, ROC and confusion matrix of the test split, and the decision boundary
-    for two-feature data, as PNG artifacts under ``plots/``.
-
-    Two classes: one ROC curve of label 1, a 2×2 confusion matrix at threshold 0.5. k classes: one-vs-rest ROC
-    curves (one per class present among the test rows with some rows of other classes), a k×k confusion
-    matrix of the most probable class.
-    """
-    import pandas as pd
-
-    from neuron_torch.tracking import figures as plots
-
-    history = tracker.history()
-    if len(history):
-        run.log_figure(plots.loss_curves(history, pd.DataFrame(tracker.validation)), "plots/loss_curves.png")
-        run.log_figure(plots.trajectories(history), "plots/trajectories.png")
-    X_raw, y = datamodule.raw_split("test")
-    probability = module.predict_proba(torch.from_numpy(X_raw)).double().cpu().numpy()  # (m, 1) or (m, k)
-    classes = list(datamodule.classes)
-    if len(classes) == 2:
-        probability = probability[:, 0]  # (m,) of label 1
-    if len(np.unique(y)) >= 2:  # a ROC curve needs positives and negatives among the test rows
-        run.log_figure(plots.roc_curve(y, probability, classes), "plots/roc.png")
-    run.log_figure(plots.confusion_matrix(y, probability, classes), "plots/confusion_matrix.png")
-    if len(module.feature_names) == 2:
-        run.log_figure(plots.decision_boundary(module, *datamodule.raw_split("train"), module.feature_names,
-                                               classes), "plots/decision_boundary.png")

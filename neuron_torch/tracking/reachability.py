@@ -5,7 +5,7 @@ MLflow's HTTP retries bounded so that a server that went away costs seconds, not
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 # MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) retry one request for about 4 minutes;
 # values that cannot be sent wait in the spool instead, so one request gives up after a few seconds
@@ -66,14 +66,14 @@ def is_unreachable(err: BaseException) -> bool:
     unreachable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                    requests.exceptions.RetryError, urllib3.exceptions.MaxRetryError,
                    urllib3.exceptions.ProtocolError, ConnectionError, TimeoutError)
-    return any(isinstance(e, unreachable) for e in _chain(err))
+    return any(isinstance(e, unreachable) for e in causes(err))
 
 
 def reason(err: BaseException, timeout: Optional[float] = None) -> str:
     """A few words for why a request got no answer: ``connection refused``, ``no answer within 5 s``, ..."""
     import requests
 
-    chain = list(_chain(err))
+    chain = list(causes(err))
     if any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in str(err):
         return "connection refused"
     if any(isinstance(e, (requests.exceptions.Timeout, TimeoutError)) for e in chain):
@@ -87,16 +87,17 @@ def reason(err: BaseException, timeout: Optional[float] = None) -> str:
     return type(err).__name__
 
 
-def _chain(err: BaseException):
-    """The exception and every exception it was raised from or during (MLflow wraps the requests error)."""
+def causes(err: Optional[BaseException]) -> Iterator[BaseException]:
+    """``err`` and every exception it was raised from or while handling, or that it wraps (MLflow wraps the
+    requests error, requests and urllib3 the error they met)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         yield err
         for arg in getattr(err, "args", ()):  # requests and urllib3 keep the error they wrap as an argument
             if isinstance(arg, BaseException):
-                yield from _chain(arg)
+                yield from causes(arg)
         reason_ = getattr(err, "reason", None)  # and as MaxRetryError.reason
         if isinstance(reason_, BaseException):
-            yield from _chain(reason_)
+            yield from causes(reason_)
         err = err.__cause__ or err.__context__

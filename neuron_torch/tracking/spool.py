@@ -28,7 +28,7 @@ import socket
 from pathlib import Path
 from typing import Iterator, Optional
 
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limits per log_batch call
 MAX_PARAMS_PER_BATCH = 100
 HOST_TAG, PID_TAG = "neuron_torch.host", "neuron_torch.pid"  # the machine and process that run a run
 KEPT_EXIT = 75  # exit code when records still wait in a spool (sysexits' EX_TEMPFAIL: try again later)
@@ -52,7 +52,7 @@ def deliver(client, run_id: str, record: dict, base: Path) -> None:
     elif kind == "artifact":
         client.log_artifact(run_id, str(base / record["path"]), record["artifact_path"])
     elif kind == "model":
-        from neuron_torch.tracking.model_files import log_model_files
+        from neuron_torch.tracking.model_files import log_model_files  # MLflow's pyfunc: for a model record only
 
         log_model_files(client.tracking_uri, run_id, base / record["path"], record["register_as"])
     elif kind == "status":
@@ -231,6 +231,14 @@ class Spool:
         if self._count is None:
             self._count = sum(1 for _ in self._records())
         return self._count
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (as the user would type it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def find(paths: list[Path]) -> list[Spool]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from neuron_torch.errors import first_line
+from neuron_torch.tracking.reachability import causes
 
 # MLflow 3's UI reads this tag to open an experiment on its runs rather than its GenAI overview (newer UIs
 # follow their workflow switch instead; the addresses the summary prints set it)
@@ -162,6 +163,8 @@ def check_locations(uri: str, experiment: str, checkpoints: Optional[Path]) -> O
         return _folder_advice("the MLflow store", db, reason)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.utils.uri import resolve_uri_if_local
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
@@ -172,8 +175,8 @@ def check_locations(uri: str, experiment: str, checkpoints: Optional[Path]) -> O
         return str(err)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         return f"cannot open the MLflow store {uri}: {first_line(err)}"
-    # MLflow's store keeps the root new experiments get (./mlruns for sqlite); there is no public getter
-    root = found.artifact_location if found else getattr(client._tracking_client.store, "artifact_root_uri", None)
+    # a client of a database store gives a new experiment MLflow's default artifact root: ./mlruns, made absolute
+    root = found.artifact_location if found else resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
     folder = _local_folder(root)
     reason = folder is not None and _unwritable(folder)
     if not reason:
@@ -200,7 +203,7 @@ def write_failure(err: BaseException, uri: str) -> Optional[str]:
 
     Such failures can show after :func:`check_locations` (a disk fills up, a folder is moved away).
     """
-    for e in _chain(err):
+    for e in causes(err):
         if isinstance(e, StoreError):  # the lock of the store, taken when the run starts
             return str(e)
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
@@ -216,10 +219,10 @@ def write_failure(err: BaseException, uri: str) -> Optional[str]:
 def is_busy(err: BaseException) -> bool:
     """Whether a failed MLflow call only met another writer's lock on a sqlite store (worth trying again).
 
-    MLflow's sessions wait 20 s for the lock (``PRAGMA busy_timeout``); eight runs writing at once do not come
-    near that, but a store on a slow disk shared by many more may.
+    MLflow's sessions wait a while for the lock (``PRAGMA busy_timeout``); many runs writing at once to a store
+    on a slow disk may still wait longer than that.
     """
-    return any("database is locked" in str(e).lower() for e in _chain(err))
+    return any("database is locked" in str(e).lower() for e in causes(err))
 
 
 def _folder_advice(what: str, path: Path, reason: str) -> str:
@@ -279,12 +282,3 @@ def _local_folder(uri: Optional[str]) -> Optional[Path]:
 
 def _sqlite_reason(text: str) -> str:
     return next(marker for marker in SQLITE_WRITE_ERRORS if marker in text)
-
-
-def _chain(err: Optional[BaseException]) -> Iterator[BaseException]:
-    """``err`` and the exceptions it was raised from or while handling, each once."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__

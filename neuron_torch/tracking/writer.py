@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from neuron_torch.tracking.reachability import is_unreachable, reason, why_silent
-from neuron_torch.tracking.spool import MAX_METRICS_PER_BATCH, Spool, Tally, deliver
+from neuron_torch.tracking.spool import MAX_METRICS_PER_BATCH, Spool, Tally, deliver, shown_path
 
 log = logging.getLogger("neuron_torch")
 
@@ -102,7 +102,11 @@ class MetricWriter:
         self._queue.put(("rows", (steps, rows)))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._queue.put(("metrics", (metrics, step)))
+        self._queue.put(("metrics", [(key, value, step) for key, value in metrics.items()]))
+
+    def log_history(self, key: str, values, first_step: int = 0) -> None:
+        """Queue one metric's values (a sequence of floats) at steps ``first_step``, ``first_step + 1``, ..."""
+        self._queue.put(("metrics", [(key, value, first_step + i) for i, value in enumerate(values)]))
 
     def log_params(self, params: dict[str, str]) -> None:
         self._queue.put(("record", {"kind": "params", "params": dict(params)}))
@@ -157,8 +161,7 @@ class MetricWriter:
                     pending = []
                     self._send(payload)
                 elif kind == "metrics":
-                    values, step = payload
-                    pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+                    pending += [Metric(key, float(value), now, step) for key, value, step in payload]
                 else:
                     steps, rows = payload
                     self._append_trajectory(steps, rows)
@@ -272,11 +275,3 @@ class MetricWriter:
         if self._trajectory is None:
             self._trajectory = pq.ParquetWriter(self.folder / "trajectory.parquet", table.schema)
         self._trajectory.write_table(table)
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the working folder when it is inside it (as the user would type it)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)

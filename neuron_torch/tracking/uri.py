@@ -1,0 +1,39 @@
+"""Which tracking store a run writes to, and MLflow's fluent API pointed at it for a while."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; `mlflow ui` reads it with no flags
+ENV = "MLFLOW_TRACKING_URI"
+
+
+def resolve_tracking_uri(configured: Optional[str]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else MLflow's default sqlite store."""
+    return os.environ.get(ENV) or configured or DEFAULT_TRACKING_URI
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``load_model``) at ``uri`` for a while.
+
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process, and the URI it sets
+    outranks that variable; both are put back exactly as they were, so a later run in the same process still
+    follows its own configuration.
+    """
+    import mlflow
+
+    # with the variable out of the way, MLflow's getters answer for the URI set in the process alone
+    previous_env = os.environ.pop(ENV, None)
+    previous_set = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_set)  # None: none set, as before (it also clears the variable)
+        if previous_env is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous_env
