@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numbers
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from neuron_torch.nn.layers import ACTIVATIONS
 from neuron_torch.nn.networks import build_network
 from neuron_torch.nn.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
 
@@ -147,7 +147,7 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
-        "activation": [StrOptions({"relu", "tanh", "sigmoid", "leaky_relu"})],
+        "activation": [StrOptions(set(ACTIVATIONS))],
         "solver": [StrOptions(set(UPDATE_RULES))],
         "learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
         "alpha": [Interval(numbers.Real, 0, None, closed="left")],
@@ -390,55 +390,39 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
     # --- tracking -------------------------------------------------------------------------------------------
 
     def _track(self, n_samples: int) -> None:
-        """One MLflow run: parameters, the loss of each update and the final values, the weights as artifacts."""
-        from mlflow.entities import Metric, Param, RunStatus
+        """One MLflow run, written as a training run is (:class:`~neuron_torch.tracking.run.TrackedRun`): the
+        parameters, the loss of each update and the final values, the weights as artifacts. A tracking server
+        that stops answering leaves the rest in the run's spool (``neuron-torch sync`` sends it)."""
+        from neuron_torch.tracking.run import TrackedRun
 
-        from neuron_torch.tracking.store import open_experiment
-
-        client, experiment_id = open_experiment(self.tracking_uri, self.experiment_name)
-        run = client.create_run(experiment_id, tags={"estimator": type(self).__name__})
-        run_id = run.info.run_id
-        try:
-            params = {name: repr(value) if isinstance(value, (tuple, list, dict)) else str(value)
-                      for name, value in self.get_params().items() if name != "tracking_uri"}
-            params.update(n_samples=str(n_samples), n_features=str(self.n_features_in_),
-                          n_classes=str(len(self.classes_)))
-            client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-            now = int(1000 * time.time())
-            metrics = [Metric("loss", value, now, step) for step, value in enumerate(self.loss_curve_)]
-            metrics += [Metric("loss", self.loss_, now, self.n_iter_),
-                        Metric("grad_norm", self._grad_norm, now, self.n_iter_),
-                        Metric("n_iter", float(self.n_iter_), now, self.n_iter_)]
-            for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics per batch
-                client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        params = {name: repr(value) if isinstance(value, (tuple, list, dict)) else str(value)
+                  for name, value in self.get_params().items() if name != "tracking_uri"}
+        params.update(n_samples=str(n_samples), n_features=str(self.n_features_in_),
+                      n_classes=str(len(self.classes_)))
+        with TrackedRun(self.tracking_uri, self.experiment_name, tags={"estimator": type(self).__name__}) as run:
+            run.log_params(dict(sorted(params.items())))
+            run.log_history("loss", self.loss_curve_)  # the objective before each update, steps 0 … n_iter − 1
+            run.log_metrics({"loss": self.loss_, "grad_norm": self._grad_norm, "n_iter": float(self.n_iter_)},
+                            self.n_iter_)
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder, "network.pt")
                 torch.save({"state_dict": self.network_.state_dict(),
                             "mean": torch.from_numpy(self._mean), "scale": torch.from_numpy(self._scale),
                             "classes": [str(c) for c in self.classes_]}, path)
-                client.log_artifact(run_id, str(path))
-                if hasattr(self, "coef_"):
-                    client.log_artifact(run_id, str(self._write_coefficients(Path(folder))))
-        except BaseException:
-            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-            raise
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        self.mlflow_run_id_ = run_id
+                run.log_artifact(path)
+            if hasattr(self, "coef_"):
+                run.log_text(self._coefficients_csv(), "coefficients.csv")
+        self.mlflow_run_id_ = run.run_id
 
-    def _write_coefficients(self, folder: Path) -> Path:
-        """``coefficients.csv``: ``class, feature, estimate`` on the caller's scale, intercept as ``(intercept)``."""
-        import csv
+    def _coefficients_csv(self) -> str:
+        """``coefficients.csv``: ``class, feature, estimate`` on the caller's scale, ``(intercept)`` first in each
+        class (:func:`~neuron_torch.nn.coefficients.linear_table`); for two classes the one class ``classes_[1]``."""
+        from neuron_torch.nn.coefficients import linear_table
 
         names = getattr(self, "feature_names_in_", [f"x{j}" for j in range(self.n_features_in_)])
-        rows_for = [self.classes_[1]] if len(self.classes_) == 2 else list(self.classes_)
-        path = folder / "coefficients.csv"
-        with path.open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["class", "feature", "estimate"])
-            for c, label in enumerate(rows_for):
-                out.writerow([label, "(intercept)", repr(float(self.intercept_[c]))])
-                out.writerows([label, name, repr(float(v))] for name, v in zip(names, self.coef_[c]))
-        return path
+        labels = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
+        table = linear_table(self.coef_, self.intercept_, names, labels)
+        return table.to_csv(index=False, na_rep="nan", lineterminator="\r\n")  # as Python's csv module writes
 
 
 def _norm(gradients: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ Hessian, passed to its ``step(hessian=H)``; for L2 add it with :func:`neuron_tor
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -231,7 +231,16 @@ class Newton(torch.optim.Optimizer):
         return None
 
 
-UPDATE_RULES = ("gd", "momentum", "nesterov", "adam", "newton")
+# name → the rule over (params, lr). Each is called with the model's rule settings (momentum, betas, eps) as
+# keywords and takes the ones it uses; a new rule is its Optimizer subclass above and one entry here.
+RULES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "gd": lambda params, lr, **_: GradientDescent(params, lr),
+    "momentum": lambda params, lr, momentum, **_: GradientDescent(params, lr, momentum=momentum),
+    "nesterov": lambda params, lr, momentum, **_: GradientDescent(params, lr, momentum=momentum, nesterov=True),
+    "adam": lambda params, lr, betas, eps, **_: Adam(params, lr, betas=betas, eps=eps),
+    "newton": lambda params, lr, **_: Newton(params, lr),
+}
+UPDATE_RULES = tuple(RULES)  # the names, in the order messages list them
 # Newton solves with the (N × N) Hessian of all N parameters: 8,192 of them make a 512 MiB float64 matrix and
 # a Cholesky factorisation of ~2·10¹¹ flops per update. Past that the other rules are the right tool.
 NEWTON_MAX_PARAMETERS = 8192
@@ -239,13 +248,7 @@ NEWTON_MAX_PARAMETERS = 8192
 
 def make_update_rule(name: str, params: Iterable[Tensor], lr: float, momentum: float = 0.9,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The update rule called ``name`` (one of :data:`UPDATE_RULES`) over ``params``."""
-    if name == "gd":
-        return GradientDescent(params, lr)
-    if name in ("momentum", "nesterov"):
-        return GradientDescent(params, lr, momentum=momentum, nesterov=name == "nesterov")
-    if name == "adam":
-        return Adam(params, lr, betas=betas, eps=eps)
-    if name == "newton":
-        return Newton(params, lr)
-    raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {name!r}")
+    """The update rule called ``name`` (a key of :data:`RULES`) over ``params``."""
+    if name not in RULES:
+        raise ValueError(f"update_rule must be one of {', '.join(RULES)}; got {name!r}")
+    return RULES[name](params, lr, momentum=momentum, betas=betas, eps=eps)
