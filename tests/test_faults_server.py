@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from neuron_torch.tracking import callback, spool
+from neuron_torch.tracking import callback, reachability, spool
 from neuron_torch.cli.commands import train
 from processes import free_port, kill_group, log_tail, start_mlflow
 
@@ -202,6 +202,19 @@ def assert_everything_arrived(client, run_id: str, tmp_path: Path) -> None:
     data = load_breast_cancer(as_frame=True)
     probability = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(data.data)
     assert ((np.asarray(probability) >= 0.5) == (data.target == 1)).mean() > 0.95
+
+
+def test_the_cause_walk_ends_on_a_chain_that_loops_back():
+    """An error that wraps its own wrapper (as an argument, a reason and a cause): each error once, no recursion
+    without end."""
+    inner, outer = ConnectionResetError("reset"), OSError("wrapped")
+    outer.args = (inner,)
+    inner.args = (outer,)
+    inner.reason = outer
+    inner.__cause__ = outer
+    outer.__context__ = inner
+    assert list(reachability.causes(outer)) == [outer, inner]
+    assert reachability.is_unreachable(outer)
 
 
 def test_server_down_at_the_start_is_one_line_within_seconds(tmp_path):

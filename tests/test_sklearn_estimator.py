@@ -276,6 +276,29 @@ def test_mlflow_tracking_records_one_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(table.query("feature == 'x2'").estimate, clf.coef_[:, 2])
 
 
+def test_a_write_the_store_refuses_fails_the_fit_and_the_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def refuse(self, run_id, local_path, artifact_path=None):
+        raise MlflowException("artifact storage is read-only")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    X, y = dataset("iris")
+    clf = NeuronClassifier(solver="newton", learning_rate=1.0, alpha=ALPHA, tracking_uri=uri,
+                           experiment_name="estimator")
+    with pytest.raises(MlflowException, match="artifact storage is read-only"):
+        clf.fit(X, y)
+
+    assert not hasattr(clf, "mlflow_run_id_")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("estimator").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "MlflowException: artifact storage is read-only"
+
+
 def test_no_tracking_by_default():
     X, y = dataset("iris")
     clf = NeuronClassifier(solver="newton", learning_rate=1.0).fit(X, y)

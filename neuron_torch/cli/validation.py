@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from neuron_torch.errors import ConfigError
+from neuron_torch.tracking.uri import ENV
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
 # the stores MLflow 3 runs on; a bare folder or file:// is its old file store, which MLflow 3 refuses
@@ -121,7 +122,7 @@ def _check_mlflow(config) -> None:
 def check_tracking_uri(uri: str) -> None:
     """Refuse a URI MLflow 3 cannot track to, before it is tried (a bare folder is MLflow's old file store)."""
     scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else ""
-    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else "mlflow.tracking_uri"
+    source = ENV if os.environ.get(ENV) == uri else "mlflow.tracking_uri"
     if scheme == "file" or not scheme:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
             return

@@ -133,9 +133,7 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
     else:
         cov, status = _covariance(theta, J, X, Y, weight, converged)
 
-    table = linear_table(estimate[:, :n].numpy(), estimate[:, n].numpy(), [str(f) for f in feature_names], labels)
-    statistics = {column: [] for column in COLUMNS[2:]}
-    order = [n, *range(n)]  # the builder's order: (intercept) first, then the features
+    statistics = {column: [] for column in COLUMNS[2:]}  # per reported unit, (n + 1,) each, in (w, b) order
     for c in range(len(labels)):
         se = cov[c].diagonal().sqrt() if cov is not None else torch.full((n + 1,), math.nan, dtype=torch.float64)
         est = estimate[c]
@@ -143,11 +141,12 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
         p = torch.special.erfc(z.abs() / math.sqrt(2))  # two-sided, normal: 2·(1 − Φ(|z|))
         for column, values in (("std_error", se), ("z", z), ("p_value", p), ("ci_low", est - Z_975 * se),
                                ("ci_high", est + Z_975 * se)):
-            statistics[column] += values[order].tolist()
-    table = table.assign(**statistics)
+            statistics[column].append(values)
+    per_unit = {column: torch.stack(values).numpy() for column, values in statistics.items()}  # (k, n + 1) each
+    table = linear_table(estimate[:, :n].numpy(), estimate[:, n].numpy(), [str(f) for f in feature_names], labels,
+                         statistics=per_unit)
     if not multinomial:
         table = table.drop(columns="class")
-    if not multinomial:
         status += f"; log-odds of {labels[0]!r} against {reference!r}"
     elif reference is not None:
         status += f"; each class contrasted with {reference!r}"
@@ -156,8 +155,8 @@ def coefficient_table(net: LinearModel, feature_names: Sequence[str], classes: S
     return table
 
 
-def linear_table(W, b, feature_names: Sequence[str], labels: Sequence, intercept: Literal["row", "column"] = "row"
-                 ) -> "pandas.DataFrame":
+def linear_table(W, b, feature_names: Sequence[str], labels: Sequence, intercept: Literal["row", "column"] = "row",
+                 statistics: Optional[dict[str, np.ndarray]] = None) -> "pandas.DataFrame":
     """A linear layer's parameters as a table, unit by unit: the one layout of every coefficient and weight table.
 
     Parameters
@@ -173,6 +172,9 @@ def linear_table(W, b, feature_names: Sequence[str], labels: Sequence, intercept
         ``"row"``: columns ``class, feature, estimate``, per unit the bias as the row ``(intercept)`` first,
         then one row per feature (statsmodels' and R's order), k·(n + 1) rows. ``"column"``: columns ``class,
         feature, weight, bias``, one row per feature with the unit's bias beside it, k·n rows.
+    statistics : dict of str to array-like of shape (k, n + 1), optional
+        More columns beside ``estimate`` (``"row"`` only), one value per parameter, each unit's as ``(w, b)``:
+        its n weights, then its bias.
 
     Returns
     -------
@@ -188,12 +190,22 @@ def linear_table(W, b, feature_names: Sequence[str], labels: Sequence, intercept
     units = np.empty(k, dtype=object)
     units[:] = list(labels)
     if intercept == "column":
+        if statistics:
+            raise ValueError("statistics are columns of the row layout (intercept='row')")
         return pd.DataFrame({"class": np.repeat(units, n), "feature": np.tile(names, k),
                              "weight": W.reshape(-1), "bias": np.repeat(b, n)})
-    theta = np.concatenate([b[:, None], W], axis=1)  # (k, n + 1): (intercept) first
-    features = np.concatenate([np.array([INTERCEPT], dtype=object), names])
-    return pd.DataFrame({"class": np.repeat(units, n + 1), "feature": np.tile(features, k),
-                         "estimate": theta.reshape(-1)})
+
+    def rows(of_w: np.ndarray, of_b: np.ndarray) -> np.ndarray:
+        """One column: (k, n) values of the weights and (k,) of the biases, per unit (intercept) first."""
+        return np.concatenate([of_b.reshape(k, 1), of_w], axis=1).reshape(-1)  # k·(n + 1)
+
+    columns = {"class": np.repeat(units, n + 1),
+               "feature": rows(np.tile(names, (k, 1)), np.full(k, INTERCEPT, dtype=object)),
+               "estimate": rows(W, b)}
+    for column, values in (statistics or {}).items():
+        values = np.asarray(values, dtype=np.float64).reshape(k, n + 1)
+        columns[column] = rows(values[:, :n], values[:, n])
+    return pd.DataFrame(columns)
 
 
 def _scaling_jacobian(mu: Tensor, sigma: Tensor) -> Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional
 
+from neuron_torch.tracking.uri import ENV
+
 # MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) retry one request for about 4 minutes;
 # values that cannot be sent wait in the spool instead, so one request gives up after a few seconds
 # (retries sleep 0 s, then 2 s). The user's environment overrides each of these.
@@ -51,8 +53,7 @@ def store_error(uri: str) -> Optional[str]:
     silent = why_silent(uri)
     if silent is None:
         return None
-    where = ("MLFLOW_TRACKING_URI (set in this environment)" if os.environ.get("MLFLOW_TRACKING_URI")
-             else "--mlflow.tracking_uri")
+    where = f"{ENV} (set in this environment)" if os.environ.get(ENV) else "--mlflow.tracking_uri"
     return f"tracking server {uri} does not answer ({silent}); start it, or choose another store with {where}"
 
 
@@ -89,15 +90,19 @@ def reason(err: BaseException, timeout: Optional[float] = None) -> str:
 
 def causes(err: Optional[BaseException]) -> Iterator[BaseException]:
     """``err`` and every exception it was raised from or while handling, or that it wraps (MLflow wraps the
-    requests error, requests and urllib3 the error they met)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        for arg in getattr(err, "args", ()):  # requests and urllib3 keep the error they wrap as an argument
-            if isinstance(arg, BaseException):
-                yield from causes(arg)
-        reason_ = getattr(err, "reason", None)  # and as MaxRetryError.reason
-        if isinstance(reason_, BaseException):
-            yield from causes(reason_)
-        err = err.__cause__ or err.__context__
+    requests error, requests and urllib3 the error they met). Each once, however the chain loops back."""
+    seen: set[int] = set()  # one for the whole walk: a wrapped error may also be the cause, or wrap its wrapper
+
+    def walk(err: Optional[BaseException]) -> Iterator[BaseException]:
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            yield err
+            for arg in getattr(err, "args", ()):  # requests and urllib3 keep the error they wrap as an argument
+                if isinstance(arg, BaseException):
+                    yield from walk(arg)
+            reason_ = getattr(err, "reason", None)  # and as MaxRetryError.reason
+            if isinstance(reason_, BaseException):
+                yield from walk(reason_)
+            err = err.__cause__ or err.__context__
+
+    return walk(err)

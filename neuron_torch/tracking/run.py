@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from neuron_torch.tracking.reachability import bound_http_retries
 from neuron_torch.tracking.spool import HOST_TAG, PID_TAG, shown_path
 from neuron_torch.tracking.store import open_experiment
 from neuron_torch.tracking.writer import MetricWriter, Outcome
@@ -26,7 +27,9 @@ class TrackedRun:
     """One MLflow run, as a context manager that always ends it with the right status.
 
     On leaving: FINISHED; KILLED for Ctrl-C (Lightning turns it into ``SystemExit``); FAILED for any other
-    exception, with its message in the ``error`` tag. Buffered metrics are written first on every path.
+    exception, with its message in the ``error`` tag; FAILED too instead of FINISHED when the store refused a
+    write or the writer itself failed (:attr:`write_error` then holds that error). Buffered metrics are written
+    first on every path.
     Everything is sent by the run's :class:`~neuron_torch.tracking.writer.MetricWriter`; what a silent tracking server
     does not take waits in ``checkpoints/<run id>/spool`` (then :attr:`kept` says what, and
     ``neuron-torch sync`` sends it). The run is tagged with the host and process that run it.
@@ -47,9 +50,12 @@ class TrackedRun:
         self.tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         self.status: Optional[str] = None
         self.kept: Optional[Outcome] = None  # set when the run ends with records its server did not take
+        self.write_error: Optional[BaseException] = None  # the first write the store refused, or the writer's fault
         self._staged = 0
 
     def __enter__(self) -> "TrackedRun":
+        # a server that went away costs seconds per request, not MLflow's minutes: the spool takes over sooner
+        bound_http_retries()
         # under a lock next to a sqlite store: runs started together would race to create it and the experiment
         self.client, experiment_id = open_experiment(self.tracking_uri, self.experiment)
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
@@ -75,7 +81,7 @@ class TrackedRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self._stage(artifact_file)
-        path.write_text(text, encoding="utf-8")
+        path.write_text(text, encoding="utf-8", newline="")  # as given: an explicit "\r\n" stays, "\n" stays
         self.writer.log_artifact(path, _folder_of(artifact_file))
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
@@ -120,6 +126,7 @@ class TrackedRun:
                 self.client.set_tag(self.run_id, "error", f"{type(outcome.crash).__name__}: {outcome.crash}"[:5000])
                 self.client.set_terminated(self.run_id, "FAILED")
         self.status = outcome.status
+        self.write_error = outcome.refusal or outcome.crash
         if outcome.kept is not None:
             self.kept = outcome
             where = shown_path(outcome.spool)

@@ -175,7 +175,8 @@ def check_locations(uri: str, experiment: str, checkpoints: Optional[Path]) -> O
         return str(err)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         return f"cannot open the MLflow store {uri}: {first_line(err)}"
-    # a client of a database store gives a new experiment MLflow's default artifact root: ./mlruns, made absolute
+    # a new experiment's artifact root, worked out as MLflow's sqlite store does it in a fresh process: MLflow's
+    # default artifact location (./mlruns) under the working folder, made absolute
     root = found.artifact_location if found else resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
     folder = _local_folder(root)
     reason = folder is not None and _unwritable(folder)

@@ -19,9 +19,10 @@ def resolve_tracking_uri(configured: Optional[str]) -> str:
 def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``load_model``) at ``uri`` for a while.
 
-    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for the whole process, and the URI it sets
-    outranks that variable; both are put back exactly as they were, so a later run in the same process still
-    follows its own configuration.
+    Inside, ``MLFLOW_TRACKING_URI`` is ``uri`` too, so a process started there follows it. On leaving, the
+    variable and the URI set in the process (which outranks the variable) are put back as they were, so a
+    later run in the same process still follows its own configuration. A URI set in the process as ``""``
+    comes back as none set: MLflow's own ``is_tracking_uri_set`` counts ``""`` as unset.
     """
     import mlflow
 
@@ -29,6 +30,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     previous_env = os.environ.pop(ENV, None)
     previous_set = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
+    os.environ[ENV] = uri  # set_tracking_uri sets it only when the URI changes
     try:
         yield
     finally:

@@ -58,6 +58,7 @@ class Outcome:
     kept: Optional[Tally] = None
     spool: Optional[Path] = None
     crash: Optional[BaseException] = None  # the writer itself failed: nothing more was sent
+    refusal: Optional[BaseException] = None  # the first write the store answered and refused (FINISHED: FAILED)
 
 
 class MetricWriter:
@@ -207,9 +208,9 @@ class MetricWriter:
         if self._silent():
             kept = self._spool.tally()
             self._spool.unlock()  # `neuron-torch sync` may take it from here, even while this process lives on
-            self.outcome = Outcome(status, kept, self._spool.folder)
+            self.outcome = Outcome(status, kept, self._spool.folder, refusal=self._refusal)
         else:
-            self.outcome = Outcome(status)
+            self.outcome = Outcome(status, refusal=self._refusal)
 
     def _send_metrics(self, metrics: list) -> None:
         if metrics:
