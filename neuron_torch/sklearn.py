@@ -34,6 +34,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from neuron_torch.nn.layers import ACTIVATIONS
 from neuron_torch.nn.networks import build_network
 from neuron_torch.nn.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
+from neuron_torch.nn.update import apply_update
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -265,39 +266,44 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _train(self, X: torch.Tensor, Y: torch.Tensor, weight: torch.Tensor | None) -> None:
-        """The loop: gradients by hand, ``p.grad`` set from them, one update rule step; full batch."""
+        """The loop: one :func:`~neuron_torch.nn.update.apply_update` per iteration, full batch, stopping before
+        the update whose gradient norm is under ``tol``."""
         net = self.network_
         params = dict(net.named_parameters())
         rule = make_update_rule(self.solver, params.values(), float(self.learning_rate), momentum=self.momentum,
                                 betas=(self.beta_1, self.beta_2), eps=self.epsilon)
-        losses, converged = [], False
-        for _ in range(self.max_iter):
-            bp = net.forward_backward(X, Y, weight)
-            grad_norm = _norm(bp.gradients).item()
+        batch = (X, Y) if weight is None else (X, Y, weight)
+        losses, grad_norm = [], float("nan")
+
+        def under_tol(gradients: dict[str, torch.Tensor]) -> bool:  # read before each step: stop before it
+            nonlocal grad_norm
+            grad_norm = _norm(gradients).item()
             if grad_norm < self.tol:
-                converged = True
-                break
+                return True
             if not np.isfinite(grad_norm):
                 raise ValueError(f"the fit diverged: the gradient is not finite after {len(losses)} updates of "
                                  f"solver={self.solver!r}; lower learning_rate (now {self.learning_rate})")
-            losses.append(bp.loss)
-            for name, p in params.items():
-                p.grad = bp.gradients[name]
-            try:
-                if self.solver == "newton":
-                    rule.step(hessian=net.hessian(X, weight))
-                else:
-                    rule.step()
-            except StepFailed as err:
-                raise ValueError(f"the Newton step failed after {len(losses)} updates: {err}") from err
-        else:  # max_iter updates: where they ended decides convergence, and gives the final loss
-            bp = net.forward_backward(X, Y, weight)
-            grad_norm = _norm(bp.gradients).item()
-            converged = grad_norm < self.tol
+            return False
+
+        with torch.no_grad():  # the gradients are written by hand: no autograd graph
+            for _ in range(self.max_iter):
+                try:
+                    update = apply_update(net, rule, batch, hessian=self.solver == "newton", before_step=under_tol,
+                                          snapshot=False, parameters=params)
+                except StepFailed as err:
+                    raise ValueError(f"the Newton step failed after {len(losses) + 1} updates: {err}") from err
+                if not update.stepped:
+                    loss = update.loss
+                    break
+                losses.append(update.loss)
+            else:  # max_iter updates: where they ended decides convergence, and gives the final loss
+                bp = net.forward_backward(*batch)
+                loss, grad_norm = bp.loss, _norm(bp.gradients).item()
+        converged = grad_norm < self.tol
         for p in params.values():
             p.grad = None  # the gradients belong to the fit, not to the fitted network
         self.n_iter_ = len(losses)
-        self.loss_ = bp.loss.item()
+        self.loss_ = loss.item()
         self.loss_curve_ = torch.stack(losses).tolist() if losses else []
         self._grad_norm = grad_norm
         if not np.isfinite(self.loss_):
@@ -392,7 +398,8 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
     def _track(self, n_samples: int) -> None:
         """One MLflow run, written as a training run is (:class:`~neuron_torch.tracking.run.TrackedRun`): the
         parameters, the loss of each update and the final values, the weights as artifacts. A tracking server
-        that stops answering leaves the rest in the run's spool (``neuron-torch sync`` sends it)."""
+        that stops answering leaves the rest in the run's spool (``neuron-torch sync`` sends it); a write the store
+        refuses ends the run FAILED and is raised here."""
         from neuron_torch.tracking.run import TrackedRun
 
         params = {name: repr(value) if isinstance(value, (tuple, list, dict)) else str(value)
@@ -412,6 +419,8 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
                 run.log_artifact(path)
             if hasattr(self, "coef_"):
                 run.log_text(self._coefficients_csv(), "coefficients.csv")
+        if run.write_error is not None:  # the store refused a write (the run ended FAILED): the fit did not finish
+            raise run.write_error
         self.mlflow_run_id_ = run.run_id
 
     def _coefficients_csv(self) -> str:

@@ -112,5 +112,5 @@ def test_lightning_steps_replayed_from_a_graph_equal_single_updates(rule, tmp_pa
         assert trainer.global_step == 40
         rows.append(torch.cat(seen))
         if k > 1:
-            assert module._graphed is not None and module._graphed[1].captures == 1  # captured once, replayed
+            assert module.update_loop.graphed is not None and module.update_loop.graphed[1].captures == 1  # captured once, replayed
     torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)

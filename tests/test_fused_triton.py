@@ -21,6 +21,7 @@ import torch
 
 from conftest import tol
 from neuron_torch import SingleNeuron
+from neuron_torch.data.storage import storage_dtype
 from neuron_torch.kernels import fused, fused_triton
 
 CUDA = torch.cuda.is_available()
@@ -221,15 +222,15 @@ def test_bfloat16_inputs_through_neuron_pass():
 
 
 def test_storage_dtype_says_where_bfloat16_is_allowed():
-    assert fused_triton.storage_dtype("model", f64, "cpu") == f64
-    assert fused_triton.storage_dtype("bfloat16", f32, "cuda") == bf16
-    assert fused_triton.storage_dtype("bfloat16", f32, torch.device("cuda", 1)) == bf16
+    assert storage_dtype("model", f64, "cpu") == f64
+    assert storage_dtype("bfloat16", f32, "cuda") == bf16
+    assert storage_dtype("bfloat16", f32, torch.device("cuda", 1)) == bf16
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        fused_triton.storage_dtype("bfloat16", f32, "cpu")
+        storage_dtype("bfloat16", f32, "cpu")
     with pytest.raises(ValueError, match="needs float32 parameters, got float64"):
-        fused_triton.storage_dtype("bfloat16", f64, "cuda")
+        storage_dtype("bfloat16", f64, "cuda")
     with pytest.raises(ValueError, match="'model' or 'bfloat16', got 'float16'"):
-        fused_triton.storage_dtype("float16", f32, "cuda")
+        storage_dtype("float16", f32, "cuda")
 
 
 def test_computable_converts_only_when_needed():

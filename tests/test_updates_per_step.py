@@ -82,6 +82,21 @@ def test_checkpoint_interval_also_divides_updates_per_step(tmp_path, monkeypatch
     assert cli.model.updates_per_step == math.gcd(50, 100, 30)
 
 
+def test_one_checkpoint_callback_given_alone_as_a_mapping(tmp_path, monkeypatch):
+    """``trainer.callbacks`` may be one callback rather than a list: its interval counts, and no second
+    checkpoint is added."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "checkpoint.yaml"
+    config.write_text("trainer:\n  callbacks:\n    class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                      "    init_args:\n      every_n_train_steps: 30\n")
+    cli = build_cli(["--config", str(config), "--model.updates_per_step", "50", "--trainer.val_check_interval",
+                     "100", "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false"])
+    assert cli.model.updates_per_step == math.gcd(50, 100, 30)
+    assert sum(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks) == 1
+
+
 def test_updates_per_step_below_one_is_a_clear_error(tracking_uri, runs_of, capsys):
     assert train(["--model.updates_per_step", "0", "--trainer.max_steps", "5"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: model.updates_per_step must be an integer >= 1, got 0"

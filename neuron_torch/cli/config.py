@@ -124,13 +124,15 @@ class NeuronCLI(LightningCLI):
         # the model's size comes from the table: reading it here checks the data before any run exists
         parser.link_arguments("data.feature_names", "model.feature_names", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+        # class weights are the data's to fit (from its class totals) and to apply (in each row's weight)
+        parser.link_arguments("model.class_weight", "data.class_weight")
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with what the project adds to its config: a progress display, a checkpoint at the end,
         and the validation interval in training steps (:meth:`_in_training_steps`)."""
         config = {**self.config_init.get("trainer"), **kwargs}
-        callbacks = list(config.get("callbacks") or [])
-        given = callbacks + [self.config_init.get(key) for key in self.parser.callback_keys]
+        callbacks = _as_list(config.get("callbacks"))  # one callback may be given alone, as a mapping
+        given = tuple(callbacks)  # the config's own
         # a bar of updates in a terminal, one line per validation in a log or a pipe; a config's own bar wins
         if not any(isinstance(c, ProgressBar) for c in given):
             shown = progress_callback(config.get("enable_progress_bar") is not False)
@@ -168,9 +170,6 @@ class NeuronCLI(LightningCLI):
         """``every_n_train_steps`` of each ModelCheckpoint the config gives (read from the parsed config, as
         set), where it is set."""
         parsed, built = _as_list(self.config.get("trainer.callbacks")), _as_list(self.config_init.get("trainer.callbacks"))
-        for key in self.parser.callback_keys:  # callbacks of their own config sections
-            parsed.append(self.config.get(key))
-            built.append(self.config_init.get(key))
         return [int(c.get("init_args.every_n_train_steps")) for c, instance in zip(parsed, built)
                 if isinstance(instance, ModelCheckpoint) and c.get("init_args.every_n_train_steps")]
 

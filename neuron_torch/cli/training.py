@@ -85,10 +85,6 @@ def train(args: Optional[list[str]] = None) -> int:
     problem = _storage_problem(data, model, trainer)
     if problem:
         return user_error(problem)
-    try:  # class weights come from the training rows: a weight that cannot be is told before the run exists
-        model.fit_class_weights(data)
-    except DataError as err:
-        return user_error(err)
     sweep: SweepSettings = cli.config_init.sweep
     if sweep.grid:
         return _sweep(cli, sweep, argv, uri, tags)
@@ -166,21 +162,20 @@ def train(args: Optional[list[str]] = None) -> int:
 
 def _storage_problem(data, model, trainer) -> Optional[str]:
     """Why ``data.dtype`` cannot apply to this run (before the run exists), or None."""
-    if getattr(data.hparams, "dtype", "model") == "model":
+    if data.hparams.dtype == "model":
         return None
-    from neuron_torch.kernels.fused_triton import storage_dtype
-    from neuron_torch.nn.networks import SingleNeuron
-
     import torch
+
+    from neuron_torch.data.storage import storage_dtype
+    from neuron_torch.nn.networks import SingleNeuron
 
     param_dtype = torch.float64 if str(trainer.precision).startswith("64") else torch.float32
     try:
         storage_dtype(data.hparams.dtype, param_dtype, trainer.strategy.root_device)
-    except ValueError as err:
+    except ConfigError as err:
         return str(err)
     if (not isinstance(model.net, SingleNeuron) or data.hparams.weight_column or model.hparams.class_weight
-            or model.hparams.update_rule == "newton" or not model.hparams.fused or data.hparams.path and
-            data.streamed is not None):
+            or model.hparams.update_rule == "newton" or not model.hparams.fused or data.summary.streamed):
         return (f"data.dtype {data.hparams.dtype!r} is read by the single neuron's fused kernel (no row weights, "
                 "no Newton Hessian, model.fused true, a loaded table); this run would convert X on every update: "
                 "use data.dtype 'model'")

@@ -1,4 +1,4 @@
-"""What training iterates over: full batches, seeded mini-batch streams, groups of a step's batches, one split."""
+"""What training iterates over: full batches, seeded mini-batch streams drawn per training step, one split."""
 
 from __future__ import annotations
 
@@ -8,32 +8,37 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-class BatchGroup:
-    """The mini-batches of one training step, in order: ``batches`` is a list of ``(X, Y)`` pairs.
 
-    A class of its own (not a list), so that a loader yielding ``[X, Y]`` lists is never taken for a group.
+class MiniBatches:
+    """A training step's mini-batches, drawn from a :class:`BatchStream` as the step asks for them.
+
+    The stream hands this one object for every training step; a step that runs ``n`` updates calls
+    :meth:`take` once, so the stream's position is always the updates run, however many each step runs.
+    A class of its own (not a list), so that a loader yielding ``[X, Y]`` lists is never taken for one.
     """
 
-    def __init__(self, batches: list[tuple[Tensor, Tensor]]):
-        self.batches = batches
+    def __init__(self, batches: Iterator[tuple[Tensor, ...]]):
+        self._batches = batches
+
+    def take(self, n: int) -> list[tuple[Tensor, ...]]:
+        """The next ``n`` mini-batches, ``(X, Y)`` or ``(X, Y, W)`` each, in order."""
+        return [next(self._batches) for _ in range(n)]
 
 
 class BatchStream:
     """An endless stream of training batches cut from tensors that already sit on the device.
 
-    A batch is ``(X, Y)``, or ``(X, Y, W)`` with sample weights ``W`` (m, 1). Full-batch gradient descent yields
-    the same batch every step: nothing is copied or collated. With a
-    ``batch_size``, each pass over the rows follows a fresh seeded permutation, and each item of the stream
-    is a :class:`BatchGroup` of the next ``group`` mini-batches (the updates of one training step). The
-    stream is one long epoch, so the Trainer's ``max_steps`` sets the number of updates. ``position`` is the
-    index of the first mini-batch to hand out: a resumed run passes its update count and continues the
-    sequence exactly where it stopped (the Trainer fetches one item ahead, so a count kept by the stream
-    itself would be off).
+    A batch is ``(X, Y)``, or ``(X, Y, W)`` with row weights ``W`` (m, 1). Full-batch gradient descent yields
+    the same batch every step: nothing is copied or collated. With a ``batch_size``, each pass over the rows
+    follows a fresh seeded permutation, and every item of the stream is the same :class:`MiniBatches`, from
+    which a training step takes the mini-batches of its updates. The stream is one long epoch, so the
+    Trainer's ``max_steps`` sets the number of updates. ``position`` is the index of the first mini-batch to
+    hand out: a resumed run passes its update count and continues the sequence exactly where it stopped.
     """
 
     def __init__(self, X: Tensor, Y: Tensor, batch_size: Optional[int] = None, seed: int = 0, position: int = 0,
-                 group: int = 1, weight: Optional[Tensor] = None):
-        self.X, self.Y, self.seed, self.group = X, Y, seed, group
+                 weight: Optional[Tensor] = None):
+        self.X, self.Y, self.seed = X, Y, seed
         self.tensors = (X, Y) if weight is None else (X, Y, weight)
         m = X.shape[0]
         self.batch_size = m if batch_size is None or batch_size >= m else batch_size
@@ -44,11 +49,11 @@ class BatchStream:
         if self.batch_size == self.X.shape[0]:
             while True:
                 yield self.tensors
-        batches = self._batches()
+        batches = MiniBatches(self._batches())
         while True:
-            yield BatchGroup([next(batches) for _ in range(self.group)])
+            yield batches
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[tuple[Tensor, ...]]:
         while True:
             n_pass, start = divmod(self.position, self.batches_per_pass)
             order = self._permutation(n_pass)

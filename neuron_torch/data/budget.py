@@ -18,8 +18,8 @@ LOAD_COPIES = 4
 # computed on, the one waiting in the prefetch queue and the one being read.
 CHUNK_COPIES, CHUNKS_ALIVE = 3, 3
 CHUNK_SHARE = 0.5  # chunks may take this share of what the reader leaves of the budget; the rest is slack
-# pyarrow decodes a whole row group at a time, whatever the batch size asked for: reading one holds about this
-# many times its uncompressed size (measured with pyarrow 25: 1.7× through a 64 KiB read buffer, 2.6× without)
+# pyarrow decodes a whole row group at a time, whatever the batch size asked for: reading one holds up to this
+# many times its uncompressed size (benchmarks/README.md, "Memory", has the figures)
 READ_COPIES = 2
 MAX_CHUNK_ROWS = 1 << 20  # larger chunks bring no speed; they only hold memory longer
 

@@ -23,7 +23,7 @@ from neuron_torch.data.tables import MAX_ABS
 T = TypeVar("T")
 FILL_ROWS = 4096  # rows per block when standardising: a block of rows stays in cache between its two steps
 # Parquet reads through a buffer of this size instead of loading each column chunk of a row group whole
-# beforehand (pyarrow's pre_buffer): a row group being read then holds 1.7× its size, not 2.6× (pyarrow 25).
+# beforehand (pyarrow's pre_buffer): a row group being read then holds less memory (benchmarks/README.md, "Memory").
 READ_BUFFER = 1 << 16
 THREADS = True
 
@@ -248,7 +248,8 @@ def _chunk(batch: pa.RecordBatch, index: np.ndarray, keep: Optional[np.ndarray],
         weights = np.asarray(batch.column(weight).to_numpy(zero_copy_only=False), dtype=np.float64)
     if check:  # before the split is applied: a bad value is refused whichever split its row is in
         _check_values(columns, features, weights, weight, path, shard_row)
-    # columns to rows in Arrow's C++ (5x faster than numpy column assignments), in the columns' common type
+    # columns to rows in Arrow's C++ rather than numpy column assignments (benchmarks/README.md: the reader's
+    # time), in the columns' common type
     T = np.asarray(pa.RecordBatch.from_arrays(arrays, names=list(features)).to_tensor(row_major=True))
     if keep is not None and not keep.all():
         T = T[keep]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import lightning as L
 import numpy as np
@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 from neuron_torch.data.batches import BatchStream, SingleBatch, StreamedBatches
-from neuron_torch.data.labels import _labels, _sample_weights, label_classes
+from neuron_torch.data.labels import _labels, _sample_weights, class_weights, label_classes
 from neuron_torch.data.split import PARTS, Split
+from neuron_torch.data.storage import storage_dtype
+from neuron_torch.data.summary import DataSummary
 # DataError lives with the table reading that prediction shares; it is imported from here too
 from neuron_torch.data.tables import PARQUET, feature_matrix, listing, read_frame  # noqa: F401
 from neuron_torch.errors import DataError
@@ -158,8 +160,9 @@ class NeuronDataModule(L.LightningDataModule):
     """Classification data for the hand-written networks: two classes or k.
 
     The table is read, checked, split and standardised once, when first needed (the model's
-    ``feature_names`` is linked to it, so that happens before any run is created); the splits are moved to
-    the model's device and dtype once, when the Trainer asks for the loaders.
+    ``feature_names`` is linked to it, so that happens before any run is created), and what the model needs of
+    it is :attr:`summary`. The splits are moved to the model's device and dtype once, when the Trainer asks for
+    the loaders, with each row's weight in the loss (its sample weight times its class's weight) beside them.
 
     Parameters
     ----------
@@ -182,8 +185,9 @@ class NeuronDataModule(L.LightningDataModule):
     noise : float
         Noise of ``moons``, ``circles`` and ``xor``.
     val_fraction, test_fraction : float
-        Shares of the rows held out, drawn by a seeded permutation. 0 holds none out: validation (test)
-        metrics are then taken on the training rows.
+        Shares of the rows held out: each row's split is a hash of its index and ``seed``
+        (:mod:`neuron_torch.data.split`), so the sizes are near, not exactly, these shares. 0 holds none out:
+        validation (test) metrics are then taken on the training rows.
     seed : int
         Seed of the generated tables, the split and the mini-batch order.
     standardize : bool
@@ -198,6 +202,11 @@ class NeuronDataModule(L.LightningDataModule):
         How the training rows' ``X`` is stored on the device: in the parameters' dtype, or as bfloat16 (CUDA,
         float32 parameters, the single neuron's fused kernel), which halves the bytes every update reads; the
         kernel accumulates in float32. Validation and test rows keep the parameters' dtype.
+    class_weight : "balanced" or dict of str to float, optional
+        Weights per class, with scikit-learn's meaning (the config's ``model.class_weight``, linked here by the
+        command line): each row's weight in the loss is its sample weight (or 1) times its class's weight;
+        ``balanced`` gives class c ``Σw / (k·Σ_{y=c} w)`` over the training rows. Fitted once, when the table
+        is read, into :attr:`class_weight`.
     """
 
     def __init__(self, dataset: Dataset = "breast_cancer", path: Optional[str] = None,
@@ -206,7 +215,8 @@ class NeuronDataModule(L.LightningDataModule):
                  n_samples: int = 1000, n_features: int = 20,
                  noise: float = 0.2, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
                  standardize: bool = True, batch_size: Optional[int] = None, memory_budget: Optional[str] = None,
-                 dtype: Literal["model", "bfloat16"] = "model"):
+                 dtype: Literal["model", "bfloat16"] = "model",
+                 class_weight: Union[Literal["balanced"], dict[str, float], None] = None):
         super().__init__()
         self.save_hyperparameters()
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -216,15 +226,36 @@ class NeuronDataModule(L.LightningDataModule):
             raise DataError("data.weight_column names a column of data.path; the built-in tables have no weights")
         if val_fraction + test_fraction >= 1:
             raise DataError("data.val_fraction + data.test_fraction must be < 1: nothing is left to train on")
-        if batch_size is not None and batch_size < 1:
-            raise DataError(f"data.batch_size must be >= 1 (or null for full batch), got {batch_size}")
         self._splits: Optional[dict[str, tuple[Tensor, Tensor]]] = None
         self.streamed = None  # a StreamedTable when the table is larger than the memory budget
+        self.class_weight: Optional[np.ndarray] = None  # (k,) each class's weight, fitted in prepare()
+        self._summary: Optional[DataSummary] = None
 
-    # the table, split and standardised (float64, CPU), computed once
     def prepare(self) -> None:
-        if self._splits is not None:
+        """Read, check, split and standardise the table, fit the class weights and summarise it; once.
+
+        Raises
+        ------
+        DataError
+            With one line naming the file, column and row, or the ``model.class_weight`` that cannot apply.
+        """
+        if self._summary is not None:
             return
+        self._read()
+        hp = self.hparams
+        # from the training rows' class totals, before any run exists: a weight that cannot be is told now
+        self.class_weight = class_weights(hp.class_weight, self._classes, self._class_totals())
+        self._summary = DataSummary(tuple(self._feature_names), tuple(self._classes), self.mean, self.std,
+                                    self._class_totals(), self.streamed is not None)
+
+    @property
+    def summary(self) -> DataSummary:
+        """What the model needs of the data (reads the table on first use)."""
+        self.prepare()
+        return self._summary
+
+    def _read(self) -> None:
+        """The table read, checked, split and standardised: float64 tensors on the CPU, or a streamed table."""
         hp = self.hparams
         split = Split(hp.seed, hp.val_fraction, hp.test_fraction)
         if hp.path is not None and is_sharded(hp.path):
@@ -389,12 +420,22 @@ class NeuronDataModule(L.LightningDataModule):
         return self._splits[self.evaluated_on(name)]
 
     def weights(self, name: str) -> Optional[Tensor]:
-        """The sample weights (m, 1) of split ``name`` (``data.weight_column``), or None without one."""
+        """Each row's weight in the loss for split ``name``, shape (m, 1): its sample weight
+        (``data.weight_column``, else 1) times its class's weight (``class_weight``); None when neither applies
+        (the plain mean). A streamed table gives its first rows' (as :meth:`split`)."""
         self.prepare()
+        on = self.evaluated_on(name)
         if self.streamed is not None:
-            w = self._sample(self.evaluated_on(name))[2]
-            return None if w is None else torch.from_numpy(w).unsqueeze(1)
-        return self._weights[self.evaluated_on(name)]
+            _, y, w = self._sample(on)
+            return self._row_weights(y, None if w is None else torch.from_numpy(w).unsqueeze(1))
+        return self._row_weights(self._labels[on], self._weights[on])
+
+    def _row_weights(self, y: np.ndarray, weight: Optional[Tensor]) -> Optional[Tensor]:
+        """Sample weights ``weight`` (m, 1) or None, times the class weight of each class index in ``y`` (m,)."""
+        if self.class_weight is None:
+            return weight
+        per_class = torch.from_numpy(self.class_weight)[torch.from_numpy(y).long()].unsqueeze(1)  # (m, 1)
+        return per_class if weight is None else weight * per_class
 
     def evaluated_on(self, name: str) -> str:
         """The split whose rows stand for ``name``: itself, or "train" when ``name`` holds no rows."""
@@ -409,9 +450,8 @@ class NeuronDataModule(L.LightningDataModule):
             return self._sample(self.evaluated_on(name))[1]
         return self._labels[self.evaluated_on(name)]
 
-    def class_totals(self) -> np.ndarray:
+    def _class_totals(self) -> np.ndarray:
         """Each class's training rows, or their total sample weight with ``data.weight_column``, shape (k,)."""
-        self.prepare()
         if self.streamed is not None:
             return self.streamed.class_totals
         w = self._weights["train"]
@@ -440,35 +480,27 @@ class NeuronDataModule(L.LightningDataModule):
                 and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1):
             self._threads_set = True
             # the reading thread decodes the next chunk while torch computes on this one: leave it a core. With
-            # torch on every core the two contend (on 2 cores an update reached 0.27 of the read rate, 0.76 with
-            # one torch thread; benchmarks/README.md)
+            # torch on every core the two contend (benchmarks/README.md)
             threads = torch.get_num_threads() - 1
             torch.set_num_threads(threads)
             log.info("data: streaming with %d torch thread%s and one reading thread (OMP_NUM_THREADS sets it)",
                      threads, "s" if threads != 1 else "")
 
     def _placed(self, name: str, rank: int = 0, world: int = 1):
-        """Split ``name`` as ``(X, Y)``, or ``(X, Y, W)`` with row weights, in the model's dtype and on its device
-        (moved once, not per step). ``W`` is the sample weight times the model's class weight. A streamed table
-        gives a :class:`~neuron_torch.data.streaming.StreamedSplit` of those chunks instead, of the rows of ``rank``
-        among ``world`` data-parallel ranks."""
-        module = self.trainer.lightning_module
-        param = next(module.parameters())
+        """Split ``name`` as ``(X, Y)``, or ``(X, Y, W)`` with row weights (:meth:`weights`), in the model's dtype
+        and on its device (moved once, not per step). A streamed table gives a
+        :class:`~neuron_torch.data.streaming.StreamedSplit` of those chunks instead, of the rows of ``rank`` among
+        ``world`` data-parallel ranks."""
+        param = next(self.trainer.lightning_module.parameters())
         if self.streamed is not None:
             from neuron_torch.data.shards import rank_pieces
 
             pieces = rank_pieces(self.streamed.shards, rank, world) if world > 1 else None
-            class_weight = getattr(module, "class_weight", None)
-            return self.streamed.stream(self.evaluated_on(name), param.dtype, param.device, pieces,
-                                        None if class_weight is None else class_weight.numpy())
+            return self.streamed.stream(self.evaluated_on(name), param.dtype, param.device, pieces, self.class_weight)
         X, Y = self.split(name)
         W = self.weights(name)
-        if hasattr(module, "row_weights"):
-            W = module.row_weights(torch.from_numpy(self._labels[self.evaluated_on(name)]), W)
         tensors = tuple(t.to(param.device, param.dtype) for t in (X, Y) + ((W,) if W is not None else ()))
         if name == "train" and self.hparams.dtype != "model":  # X rounded once here, never per update
-            from neuron_torch.kernels.fused_triton import storage_dtype
-
             tensors = (X.to(param.device, storage_dtype(self.hparams.dtype, param.dtype, param.device)),
                        *tensors[1:])
         if world > 1:  # data parallel: each rank trains on its own rows; the module sums gradients over all
@@ -483,8 +515,7 @@ class NeuronDataModule(L.LightningDataModule):
         # one batch per update: a run resumed at update k starts at batch k
         return BatchStream(*placed[:2], weight=placed[2] if len(placed) > 2 else None,
                            batch_size=self.hparams.batch_size, seed=self.hparams.seed,
-                           position=self.trainer.global_step,
-                           group=getattr(self.trainer.lightning_module, "updates_per_step", 1))
+                           position=self.trainer.global_step)
 
     def val_dataloader(self) -> SingleBatch:
         return SingleBatch(self._placed("val"))

@@ -144,8 +144,8 @@ static void FN(rows_pass)(const REAL *restrict X, int64_t ldx, const REAL *restr
 #pragma omp simd reduction(+ : loss_block, db_block)
         for (int64_t r = 0; r < rows; r++) {
             const REAL zr = z[r], yr = yb[r * ys];
-            /* Near and past the underflow of e^-|z| the vector exp takes a slow path (3x slower per call,
-             * measured with large weights): exp gets |z| capped at EXP_CAP, and e is then taken as 0 past it.
+            /* Near and past the underflow of e^-|z| the vector exp takes a slow path (large weights reach
+             * it): exp gets |z| capped at EXP_CAP, and e is then taken as 0 past it.
              * That is exact where e^-|z| rounds to 0 anyway (|z| > 104 in float32, > 745 in float64) and off by
              * less than e^-EXP_CAP in the band between. */
             const int beyond = FABS(zr) >= EXP_CAP;

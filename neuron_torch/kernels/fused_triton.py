@@ -81,42 +81,6 @@ def applies(X: Tensor, Y: Tensor, w: Tensor, b: Tensor) -> bool:
             and w.dtype == acc and b.dtype == acc and Y.dtype in (X.dtype, acc) and w.is_contiguous())
 
 
-def storage_dtype(name: str, param_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype to store X in for a ``data.dtype`` setting; labels and weights stay in the parameters' dtype.
-
-    Parameters
-    ----------
-    name : {"model", "bfloat16"}
-        ``"model"``: X in the parameters' dtype (no conversion). ``"bfloat16"``: X rounded to bfloat16 once, when
-        placed on the device, halving the bytes each update reads; the kernel accumulates in float32.
-    param_dtype : torch.dtype
-        The parameters' dtype; bfloat16 X needs float32.
-    device : torch.device or str
-        Where X is placed; bfloat16 X needs CUDA (no CPU kernel reads it: there it would cost a conversion per
-        update instead of saving a read).
-
-    Returns
-    -------
-    torch.dtype
-
-    Raises
-    ------
-    ValueError
-        For another name, or bfloat16 off CUDA or with other than float32 parameters; the message says which.
-    """
-    if name == "model":
-        return param_dtype
-    if name != "bfloat16":
-        raise ValueError(f"data.dtype must be 'model' or 'bfloat16', got {name!r}")
-    if torch.device(device).type != "cuda":
-        raise ValueError(f"data.dtype 'bfloat16' needs a CUDA device (the fused Triton kernel reads it); the data "
-                         f"is placed on {torch.device(device).type}: use data.dtype 'model' there")
-    if param_dtype != torch.float32:
-        raise ValueError(f"data.dtype 'bfloat16' accumulates in float32 and needs float32 parameters, got "
-                         f"{str(param_dtype).removeprefix('torch.')} (trainer.precision 32-true)")
-    return torch.bfloat16
-
-
 def computable(X: Tensor, dtype: torch.dtype) -> Tensor:
     """X in the parameters' dtype for the paths that multiply it with them (the reference path, predictions):
     X itself when it is already, else a converted copy (bfloat16 → float32 is exact).

@@ -8,13 +8,14 @@ once, at the end.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from neuron_torch.errors import ConfigError
 from neuron_torch.nn import layers
+from neuron_torch.nn.networks import LinearModel
 
 
 class StreamedPass(NamedTuple):
@@ -33,8 +34,8 @@ def full_batch(net, batches: Iterable[tuple[Tensor, ...]], hessian: bool = False
     Parameters
     ----------
     net : HandBackprop
-        A network with ``forward_backward(X, Y, weight)`` returning (weighted) means over the rows plus its
-        L2 terms, an ``l2`` attribute and ``linears``; with ``hessian``, ``data_hessian`` and
+        A network with ``forward_backward(X, Y, weight, l2)`` returning (weighted) means over the rows plus the
+        L2 terms of ``l2``, an ``l2`` attribute and ``linears``; with ``hessian``, ``data_hessian`` and
         ``penalised_hessian`` (:class:`neuron_torch.nn.networks.LinearModel`).
     batches : iterable of tuples of Tensor
         ``(X, Y)`` or ``(X, Y, W)`` per chunk: ``X`` (m_c, n), ``Y`` (m_c, k), row weights ``W`` (m_c, 1);
@@ -49,31 +50,32 @@ def full_batch(net, batches: Iterable[tuple[Tensor, ...]], hessian: bool = False
         data terms are 0 (they weigh 0 in a sum over ranks) and only the L2 terms remain.
     """
     linears = list(net.linears)
-    if hessian and not hasattr(net, "data_hessian"):
-        raise ValueError("the Newton Hessian is defined for a network of one linear layer")
+    if hessian and not isinstance(net, LinearModel):
+        raise ConfigError("the Newton Hessian is defined for a network of one linear layer")
     total, loss_sum, grad_sums, z_max, h_sum = 0.0, None, None, None, None
-    with _without_l2(net):  # the penalty is the same for every chunk: it is added once, below
-        for batch in batches:
-            X = batch[0]
-            # a chunk's mean is over its rows, or over its total weight: the sums below undo it with that
-            m = float(batch[2].sum()) if len(batch) > 2 else X.shape[0]
-            if m == 0:
-                continue
-            bp = net.forward_backward(*batch)
-            # sums in float64 whatever the network's dtype: many chunk means added would otherwise round
-            if loss_sum is None:
-                loss_sum = bp.loss.double() * m
-                grad_sums = {name: g.double() * m for name, g in bp.gradients.items()}
-                z_max = [Z.amax(0, keepdim=True) for Z in bp.Z]
-            else:
-                loss_sum += bp.loss.double() * m
-                for name, g in bp.gradients.items():
-                    grad_sums[name] += g.double() * m
-                z_max = [torch.maximum(a, Z.amax(0, keepdim=True)) for a, Z in zip(z_max, bp.Z)]
-            if hessian:
-                H = net.data_hessian(X, *batch[2:]).double() * m
-                h_sum = H if h_sum is None else h_sum + H
-            total += m
+    for batch in batches:
+        X = batch[0]
+        # a chunk's mean is over its rows, or over its total weight: the sums below undo it with that
+        m = float(batch[2].sum()) if len(batch) > 2 else X.shape[0]
+        if m == 0:
+            continue
+        # l2 0: the penalty is the same for every chunk, so it is added once, below, which keeps the sum free
+        # of the rounding of (g + λw) − λw
+        bp = net.forward_backward(*batch, l2=0.0)
+        # sums in float64 whatever the network's dtype: many chunk means added would otherwise round
+        if loss_sum is None:
+            loss_sum = bp.loss.double() * m
+            grad_sums = {name: g.double() * m for name, g in bp.gradients.items()}
+            z_max = [Z.amax(0, keepdim=True) for Z in bp.Z]
+        else:
+            loss_sum += bp.loss.double() * m
+            for name, g in bp.gradients.items():
+                grad_sums[name] += g.double() * m
+            z_max = [torch.maximum(a, Z.amax(0, keepdim=True)) for a, Z in zip(z_max, bp.Z)]
+        if hessian:
+            H = net.data_hessian(X, *batch[2:]).double() * m
+            h_sum = H if h_sum is None else h_sum + H
+        total += m
 
     weight = linears[0].weight
     if total == 0:
@@ -94,17 +96,3 @@ def full_batch(net, batches: Iterable[tuple[Tensor, ...]], hessian: bool = False
     H = None if h_sum is None else net.penalised_hessian((h_sum * scale).to(dtype))
     return StreamedPass(loss, gradients, z_max, total, H)
 
-
-@contextlib.contextmanager
-def _without_l2(net):
-    """``net.l2`` set to 0 inside the block, put back after (even on an error).
-
-    Adding the penalty once at the end, rather than subtracting it from every chunk's result, keeps the sum
-    free of the rounding of ``(g + λw) − λw``.
-    """
-    l2 = net.l2
-    net.l2 = 0.0
-    try:
-        yield
-    finally:
-        net.l2 = l2

@@ -12,7 +12,8 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from neuron_torch.kernels import fused as fused_pass
+from neuron_torch.errors import ConfigError
+from neuron_torch.kernels import fused as kernels
 from neuron_torch.nn import layers
 
 Init = Literal["zeros", "normal", "xavier", "he"]
@@ -50,12 +51,12 @@ class HandBackprop(nn.Module):
     def __init__(self, activation: ActivationName = "relu", l2: float = 0.0, output: str = "sigmoid"):
         super().__init__()
         if output not in layers.OUTPUTS:
-            raise ValueError(f"output must be one of {sorted(layers.OUTPUTS)}, got {output!r}")
+            raise ConfigError(f"output must be one of {sorted(layers.OUTPUTS)}, got {output!r}")
         self.output = output
         if activation not in layers.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(layers.ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(layers.ACTIVATIONS)}, got {activation!r}")
         if l2 < 0:
-            raise ValueError(f"l2 must be >= 0, got {l2}")
+            raise ConfigError(f"l2 must be >= 0, got {l2}")
         self.activation = activation
         self.l2 = float(l2)
 
@@ -87,26 +88,41 @@ class HandBackprop(nn.Module):
         out = self.linears[-1]
         return layers.linear_forward(A, out.weight, out.bias)  # (m, k)
 
-    @torch.no_grad()
-    def forward_backward(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> BackwardPass:
+    def forward_backward(self, X: Tensor, Y: Tensor, weight: Tensor | None = None,
+                         l2: float | None = None) -> BackwardPass:
         """Loss and hand-written gradients of every parameter; no autograd graph is built.
+
+        The network's :meth:`fused_pass` is asked first; where it gives nothing, this is the reference pass.
 
         Parameters
         ----------
         X : Tensor, shape (m, n_features)
+            In the parameters' dtype, or converted to it here (bfloat16 storage of ``X``, ``data.dtype``).
         Y : Tensor, shape (m, 1) or (m, k)
-            Labels in {0, 1} (sigmoid output) or one-hot rows (softmax output), same dtype as ``X``.
+            Labels in {0, 1} (sigmoid output) or one-hot rows (softmax output), same dtype as the parameters.
         weight : Tensor, shape (m, 1), optional
             Non-negative sample weights: the loss and every gradient become weighted means,
             ``Σ wᵢ·dZᵢ·xᵢ / Σ wᵢ``.
+        l2 : float, optional
+            The L2 weight ``λ`` of this pass; None is the network's own :attr:`l2`. A pass over one chunk of
+            many gives 0 and adds the penalty once, over all of them (:mod:`neuron_torch.nn.chunked`).
 
         Returns
         -------
         BackwardPass
         """
+        if torch.is_grad_enabled():  # the gradients are written below: no autograd graph is built
+            with torch.no_grad():
+                return self.forward_backward(X, Y, weight, l2)
+        l2 = self.l2 if l2 is None else l2
+        fused = self.fused_pass(X, Y, weight, l2)
+        if fused is not None:
+            return fused
         act = layers.ACTIVATIONS[self.activation]
         head = layers.OUTPUTS[self.output]
         linears = list(self.linears)
+        dtype = linears[0].weight.dtype
+        X = X if X.dtype == dtype else X.to(dtype)
         # forward, caching each layer's input A_prev and pre-activation Z
         A, A_prevs, Zs = X, [], []
         for i, layer in enumerate(linears):
@@ -114,7 +130,7 @@ class HandBackprop(nn.Module):
             Z = layers.linear_forward(A, layer.weight, layer.bias)  # (m, n_l)
             Zs.append(Z)
             A = act.forward(Z) if i < len(linears) - 1 else head.forward(Z)
-        loss = head.loss(Zs[-1], Y, weight) + layers.l2_penalty([l.weight for l in linears], self.l2)
+        loss = head.loss(Zs[-1], Y, weight) + layers.l2_penalty([l.weight for l in linears], l2)
 
         # backward: the output's sigmoid (softmax) + cross-entropy give dZ = A − Y; then each layer down
         grads: dict[str, Tensor] = {}
@@ -122,12 +138,17 @@ class HandBackprop(nn.Module):
         for i in reversed(range(len(linears))):
             layer = linears[i]
             dW, db = layers.linear_backward(dZ, A_prevs[i])  # (n_l, n_{l-1}), (n_l,)
-            grads[self._names[i] + "weight"] = layers.l2_backward(dW, layer.weight, self.l2)
+            grads[self._names[i] + "weight"] = layers.l2_backward(dW, layer.weight, l2)
             grads[self._names[i] + "bias"] = db
             if i > 0:
                 dA_prev = layers.linear_backward_input(dZ, layer.weight)  # (m, n_{l-1})
                 dZ = act.backward(dA_prev, Zs[i - 1], A_prevs[i])  # A_prevs[i] = g(Z_{i-1})
         return BackwardPass(loss, {name: grads[name] for name in self._parameter_names}, Zs)
+
+    def fused_pass(self, X: Tensor, Y: Tensor, weight: Tensor | None, l2: float) -> BackwardPass | None:
+        """The same pass in one read of ``X``, where the network has a kernel for it and it applies; None takes
+        the reference pass of :meth:`forward_backward`. A network without such a kernel gives None always."""
+        return None
 
     def gradients(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         """Hand-written gradients of the mean cross-entropy (plus L2).
@@ -154,7 +175,7 @@ class HandBackprop(nn.Module):
     def hessian(self, X: Tensor, weight: Tensor | None = None) -> Tensor:
         """Hessian of :meth:`loss` with respect to every parameter, flattened in order; written by hand for
         networks without hidden layers (:class:`SingleNeuron`, :class:`SoftmaxRegression`)."""
-        raise ValueError(f"{type(self).__name__} has no hand-written Hessian: Newton's method is for networks "
+        raise ConfigError(f"{type(self).__name__} has no hand-written Hessian: Newton's method is for networks "
                          "without hidden layers")
 
     @functools.cached_property
@@ -225,7 +246,7 @@ class HandBackprop(nn.Module):
             elif init == "he":
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu", generator=generator)
             else:
-                raise ValueError(f"init must be one of zeros, normal, xavier, he; got {init!r}")
+                raise ConfigError(f"init must be one of zeros, normal, xavier, he; got {init!r}")
 
 
 class LinearModel(HandBackprop):
@@ -276,13 +297,13 @@ class SingleNeuron(LinearModel):
     generator : torch.Generator, optional
         Source of randomness for the random initialisations.
     fused : bool
-        Take the loss and gradients in one pass over ``X`` (:mod:`neuron_torch.kernels.fused`: a small C kernel compiled
-        on first use on CPU, a Triton kernel on CUDA) instead of the reference path's two (``Z = X·wᵀ + b``, then
-        ``dZᵀ·X``). The numbers are the same to the dtype's rounding. It applies to float32/float64 ``X`` (on
-        CUDA also bfloat16 ``X`` with float32 parameters) whose rows are contiguous, with ``Y`` of shape (m, 1),
-        and no sample weights; anything else (float16, a transposed ``X``), a missing C compiler or triton, or
-        the environment variable ``NEURON_TORCH_FUSED=0`` takes the reference path. On the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored
-        (that is the point).
+        Take the loss and gradients in one pass over ``X`` (:meth:`fused_pass`, :mod:`neuron_torch.kernels.fused`:
+        a small C kernel compiled on first use on CPU, a Triton kernel on CUDA) instead of the reference path's
+        two (``Z = X·wᵀ + b``, then ``dZᵀ·X``). The numbers are the same to the dtype's rounding. It applies to
+        float32/float64 ``X`` (on CUDA also bfloat16 ``X`` with float32 parameters) whose rows are contiguous,
+        with ``Y`` of shape (m, 1), and no sample weights; anything else (float16, a transposed ``X``), a missing
+        C compiler or triton, or the environment variable ``NEURON_TORCH_FUSED=0`` takes the reference path. On
+        the fused path ``BackwardPass.Z`` is an empty list: ``Z`` is never stored (that is the point).
 
     Examples
     --------
@@ -301,32 +322,25 @@ class SingleNeuron(LinearModel):
         self.fused = bool(fused)
         self.reset_parameters(init, generator)
 
-    def forward_backward(self, X: Tensor, Y: Tensor, weight: Tensor | None = None) -> BackwardPass:
-        """Loss and hand-written gradients, in one pass over ``X`` where the fused path applies.
-
-        Parameters
-        ----------
-        X : Tensor, shape (m, n_features)
-        Y : Tensor, shape (m, 1)
-            Labels in {0, 1}, same dtype as ``X``.
-        weight : Tensor, shape (m, 1), optional
-            Sample weights (the reference path).
+    def fused_pass(self, X: Tensor, Y: Tensor, weight: Tensor | None, l2: float) -> BackwardPass | None:
+        """Loss and gradients in one pass over ``X`` (:func:`neuron_torch.kernels.fused.neuron_pass`), for
+        unweighted rows; None where it does not apply (``fused`` false, sample weights, or the kernel declines).
 
         Returns
         -------
-        BackwardPass
-            As the reference path's, except that ``Z`` is empty when the fused path was taken.
+        BackwardPass or None
+            As the reference pass's, except that ``Z`` is empty: it is never stored.
         """
-        linear = self.linear
-        w = linear.weight
-        out = fused_pass.neuron_pass(X, Y, w, linear.bias) if self.fused and weight is None else None
-        if out is None:  # bfloat16 X (data.dtype) meets float32 parameters in their dtype there
-            return super().forward_backward(X if X.dtype == w.dtype else X.to(w.dtype), Y, weight)
+        if not self.fused or weight is not None:
+            return None
+        w = self.linear.weight
+        out = kernels.neuron_pass(X, Y, w, self.linear.bias)
+        if out is None:
+            return None
         loss, dw, db = out  # (), (1, n), (1,): the mean cross-entropy and its gradients, no penalty yet
-        if self.l2:  # the same penalty and gradient as the reference path (adding 0 would only cost time)
-            with torch.no_grad():
-                loss = loss + layers.l2_penalty([w], self.l2)
-                dw = layers.l2_backward(dw, w, self.l2)
+        if l2:  # the same penalty and gradient as the reference path (adding 0 would only cost time)
+            loss = loss + layers.l2_penalty([w], l2)
+            dw = layers.l2_backward(dw, w, l2)
         name = self._names[0]
         return BackwardPass(loss, {name + "weight": dw, name + "bias": db}, [])
 
@@ -367,7 +381,7 @@ class SoftmaxRegression(LinearModel):
                  generator: torch.Generator | None = None):
         super().__init__(activation="sigmoid", l2=l2, output="softmax")
         if n_classes < 3:
-            raise ValueError(f"n_classes must be >= 3 (two classes are a SingleNeuron), got {n_classes}")
+            raise ConfigError(f"n_classes must be >= 3 (two classes are a SingleNeuron), got {n_classes}")
         self.linear = nn.Linear(n_features, n_classes)
         self.reset_parameters(init, generator)
 
@@ -416,12 +430,12 @@ class DeepNetwork(HandBackprop):
                  n_outputs: int = 1):
         super().__init__(activation=activation, l2=l2, output="sigmoid" if n_outputs == 1 else "softmax")
         if n_outputs == 2:
-            raise ValueError("two classes take one sigmoid output unit: n_outputs=1")
+            raise ConfigError("two classes take one sigmoid output unit: n_outputs=1")
         sizes = [n_features, *hidden_sizes, n_outputs]
         if any(int(s) < 1 for s in sizes):
-            raise ValueError(f"layer sizes must be >= 1, got {sizes}")
+            raise ConfigError(f"layer sizes must be >= 1, got {sizes}")
         if init == "zeros" and hidden_sizes:
-            raise ValueError("init='zeros' cannot train hidden layers: every unit of a layer gets the same "
+            raise ConfigError("init='zeros' cannot train hidden layers: every unit of a layer gets the same "
                              "gradient, so they stay identical; use 'he', 'xavier' or 'normal'")
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.reset_parameters(init, generator)
@@ -440,7 +454,7 @@ def build_network(n_features: int, n_classes: int = 2, hidden_sizes: Sequence[in
     ``init`` defaults to zeros without hidden layers (the classic recipe) and He with them.
     """
     if n_classes < 2:
-        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+        raise ConfigError(f"n_classes must be >= 2, got {n_classes}")
     if hidden_sizes:
         return DeepNetwork(n_features, hidden_sizes, activation, init or "he", l2, generator,
                            n_outputs=1 if n_classes == 2 else n_classes)

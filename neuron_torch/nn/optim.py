@@ -159,7 +159,8 @@ class Newton(torch.optim.Optimizer):
     Examples
     --------
     >>> import torch
-    >>> from neuron_torch import SingleNeuron, layers
+    >>> from neuron_torch import SingleNeuron
+    >>> from neuron_torch.nn import layers
     >>> from neuron_torch.nn.optim import Newton
     >>> X, Y = torch.randn(100, 3, dtype=torch.float64), torch.rand(100, 1, dtype=torch.float64).round()
     >>> net = SingleNeuron(3, l2=0.01).double()
@@ -189,10 +190,14 @@ class Newton(torch.optim.Optimizer):
             rules here: the gradient is already in ``p.grad``.
         hessian : Tensor, shape (N, N)
             Hessian of the loss with respect to all parameters flattened in order, at the point where
-            ``p.grad`` was computed. Required. Through Lightning: ``self.optimizers().step(hessian=H)``
-            (keyword arguments are passed on to this method).
+            ``p.grad`` was computed. Required, unless no parameter has a gradient: the step then leaves every
+            parameter as it is, as torch's rules leave a parameter without one (how a training step has
+            Lightning count updates it applied already). Through Lightning:
+            ``self.optimizers().step(hessian=H)`` (keyword arguments are passed on to this method).
         """
         params = [p for group in self.param_groups for p in group["params"]]
+        if all(p.grad is None for p in params):
+            return None
         N = sum(p.numel() for p in params)
         if hessian is None:
             raise ValueError("Newton.step needs the Hessian: call step(hessian=H) with H of shape "

@@ -1,7 +1,7 @@
 """k hand-written updates captured once in a CUDA graph and replayed: one launch for a training step's updates.
 
 On a small table an update is launch-bound: the fused pass, the sum of its partials, the snapshot and the update
-rule are a handful of kernels of a few microseconds each, while reading X takes less. A CUDA graph records the
+rule are a handful of short kernels, each launched for longer than it runs. A CUDA graph records the
 kernels of k updates once; a replay launches all of them with one call. It runs the very kernels the capture
 recorded on the very memory, so its numbers are the uncaptured updates' numbers, bit for bit.
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from neuron_torch.nn.optim import GradientDescent
+from neuron_torch.nn.update import apply_update
 
 
 def capturable(parameters: Iterable[Tensor], optimizer, *, schedule=None, world_size: int = 1,
@@ -47,36 +48,11 @@ def capturable(parameters: Iterable[Tensor], optimizer, *, schedule=None, world_
 
 
 def neuron_update(net, optimizer, *batch: Tensor) -> Callable[[], Tensor]:
-    """One hand-written update of ``net`` on a batch as a function for :class:`GraphedUpdates`.
-
-    Parameters
-    ----------
-    net : HandBackprop
-        A network of :mod:`neuron_torch.nn.networks`.
-    optimizer : torch.optim.Optimizer
-        Its update rule, reading the gradients from ``p.grad`` (the inner optimizer, not Lightning's wrapper,
-        whose step counting would run once at capture and never at a replay).
-    *batch : Tensor
-        What ``net.forward_backward`` takes: ``X`` (m, n), ``Y`` (m, 1) or (m, k), and optional row weights
-        (m, 1).
-
-    Returns
-    -------
-    callable () -> Tensor, shape (s,)
-        Runs ``forward_backward``, sets each ``p.grad``, steps the rule, and returns ``net.snapshot`` of the state
-        the update started from.
-    """
-    params = dict(net.named_parameters())
-
-    def update() -> Tensor:
-        bp = net.forward_backward(*batch)
-        snapshot = net.snapshot(bp.loss, bp.gradients, bp)  # (s,), taken before the parameters change
-        for name, p in params.items():
-            p.grad = bp.gradients[name]
-        optimizer.step()
-        return snapshot
-
-    return update
+    """One :func:`~neuron_torch.nn.update.apply_update` of ``net`` on ``batch`` (``X``, ``Y`` and optional row
+    weights) as a function for :class:`GraphedUpdates`, returning the update's snapshot, shape (s,).
+    ``optimizer`` is the rule itself, not Lightning's wrapper: its step counting would run at capture only."""
+    parameters = dict(net.named_parameters())
+    return lambda: apply_update(net, optimizer, batch, parameters=parameters).snapshot
 
 
 def watched(net, optimizer, *tensors: Tensor) -> Callable[[], list]:

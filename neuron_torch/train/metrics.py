@@ -1,11 +1,17 @@
-"""The classification metrics of validation and test, from torchmetrics: binary or k-class."""
+"""The classification metrics of validation and test, from torchmetrics: binary or k-class; and one split's
+evaluation."""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision,
                                          BinaryRecall, MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
+
+from neuron_torch.data.streaming import StreamedSplit
+from neuron_torch.nn import layers
 
 
 # AUROC over a streamed split: this many probability thresholds, a fixed-size state however many rows there are
@@ -31,3 +37,36 @@ def classification_metrics(n_classes: int, thresholds: int | None = None) -> Met
                              "recall": MulticlassRecall(k, average="macro"),
                              "f1": MulticlassF1Score(k, average="macro"),
                              "auroc": MulticlassAUROC(k, average="macro", thresholds=thresholds)})
+
+
+def evaluate(net, batch, metrics: MetricCollection) -> Tensor:
+    """The loss of ``net`` on a split, and its predictions added to ``metrics``.
+
+    Parameters
+    ----------
+    net : HandBackprop
+    batch : tuple of Tensor, or StreamedSplit
+        A loaded split, ``(X, Y)`` or ``(X, Y, W)``, as one batch; or a streamed one, read chunk by chunk.
+    metrics : MetricCollection
+        From :func:`classification_metrics`, updated with every row.
+
+    Returns
+    -------
+    Tensor, shape ()
+        The mean cross-entropy over every row (weighted by ``W`` where given), without the L2 penalty.
+    """
+    head = layers.OUTPUTS[net.output]
+    loss_sum, total = 0.0, 0.0
+    for X, Y, *weight in (batch if isinstance(batch, StreamedSplit) else [batch]):
+        Z = net.logits(X)  # (m, 1) or (m, k)
+        m = weight[0].sum() if weight else X.shape[0]
+        if weight:  # a chunk of weight 0 adds nothing to the mean (its own weighted mean is 0/0)
+            loss_sum = loss_sum + torch.where(m > 0, head.loss(Z, Y, *weight) * m, 0.0)
+        else:
+            loss_sum = loss_sum + head.loss(Z, Y) * m
+        total = total + m
+        if Y.shape[1] == 1:
+            metrics.update(head.forward(Z).squeeze(1), Y.squeeze(1).long())
+        else:
+            metrics.update(head.forward(Z), Y.argmax(1))
+    return loss_sum / total
