@@ -1,9 +1,9 @@
 """A scikit-learn classifier on the project's own networks, update rules and hand-written gradients.
 
-:class:`NeuronClassifier` fits in memory, full batch, in a plain loop: one :meth:`forward_backward` and one
-update rule ``step()`` per iteration, the same calls the Lightning module makes, without a trainer. A small table
-fits in milliseconds, and the estimator works wherever scikit-learn expects one (``Pipeline``,
-``GridSearchCV``, ``cross_val_score``).
+:class:`NeuronClassifier` fits in memory, full batch, in a plain loop: one
+:func:`~neuron_torch.nn.update.apply_update` per iteration (the gradients by hand, then the update rule's
+``step()``), the function the Lightning module's training steps call, without a trainer and its start-up. The
+estimator works wherever scikit-learn expects one (``Pipeline``, ``GridSearchCV``, ``cross_val_score``).
 
 >>> from sklearn.datasets import load_iris
 >>> from neuron_torch.sklearn import NeuronClassifier

@@ -152,7 +152,7 @@ def train(args: Optional[list[str]] = None) -> int:
         return user_error(problem)
 
     checkpoint_file = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-    held_out = data.evaluated_on("test") == "test" if hasattr(data, "evaluated_on") else True
+    held_out = data.evaluated_on("test") == "test"
     print(summary.run_summary(run, uri, results, model.global_step, argv, checkpoint_file, model.converged_at,
                               held_out))
     if coefficients is not None and len(coefficients) <= 20:  # a longer table is read from coefficients.csv
@@ -246,5 +246,6 @@ def _flat_config(cli: NeuronCLI) -> dict[str, object]:
     """Every resolved config key, dotted (``model.learning_rate``), for MLflow params."""
     flat = vars(cli.config.clone().as_flat())
     flat.pop("__default_config__", None)
+    flat.pop("data.class_weight", None)  # linked from model.class_weight, which is logged
     flat["config"] = [str(path) for path in flat.get("config") or []]  # the --config files given
     return {key: value for key, value in sorted(flat.items())}

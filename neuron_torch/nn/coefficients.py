@@ -309,18 +309,14 @@ def table_from_module(module, datamodule) -> Optional["pandas.DataFrame"]:
     or None for a network with hidden layers (it has no coefficients)."""
     if not isinstance(module.net, LinearModel):
         return None
-    if getattr(datamodule, "streamed", None) is not None:  # rows are not all in memory: estimates only
-        X, Y = datamodule.split("train")
-        return coefficient_table(module.net, module.feature_names, list(module.classes), module.feature_mean,
+    X, Y = datamodule.split("train")
+    classes = list(module.classes)
+    if datamodule.summary.streamed:  # rows are not all in memory: estimates only
+        return coefficient_table(module.net, module.feature_names, classes, module.feature_mean,
                                  module.feature_std, X, Y, without_errors="no standard errors for a table "
                                  "streamed from its shards; estimates only")
-    X, Y = datamodule.split("train")
-    weights = getattr(datamodule, "weights", None)
-    weight = weights("train") if callable(weights) else None
-    if hasattr(module, "row_weights") and hasattr(datamodule, "labels"):  # the weights trained on: class weights too
-        weight = module.row_weights(torch.from_numpy(datamodule.labels("train")), weight)
-    classes = getattr(module, "classes", None) or list(datamodule.classes)
-    tol = float(getattr(module.hparams, "tol", 0.0))
+    weight = datamodule.weights("train")  # the weights trained on: sample weights times class weights
+    tol = float(module.hparams.tol)
     converged = (module.converged_at is not None) if tol > 0 else None  # tol 0: judged by the Newton step
     return coefficient_table(module.net, module.feature_names, classes, module.feature_mean, module.feature_std,
                              X, Y, weight, converged)
