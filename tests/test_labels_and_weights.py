@@ -152,3 +152,21 @@ def test_class_weighted_fit_gets_standard_errors(tracking_uri, runs_of, write_ta
 
     table = pd.read_csv(MlflowClient(tracking_uri).download_artifacts(run.info.run_id, "coefficients.csv"))
     assert table["std_error"].notna().all() and (table["std_error"] > 0).all()
+
+
+def test_a_model_and_data_with_different_class_weights_is_refused():
+    # the data module weighs the rows; a model asking for other class weights than the data applies would train
+    # on weights it does not know of (the command line links model.class_weight to the data's, so they agree)
+    import lightning as L
+
+    from neuron_torch.data.datamodule import NeuronDataModule
+    from neuron_torch.errors import ConfigError
+    from neuron_torch.train.module import NeuronModule
+
+    data = NeuronDataModule(dataset="breast_cancer")
+    model = NeuronModule(list(data.feature_names), classes=list(data.classes), class_weight="balanced")
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ConfigError, match="model.class_weight is 'balanced' but the data module weighs its rows "
+                                          "with class_weight None"):
+        trainer.fit(model, datamodule=data)

@@ -15,6 +15,8 @@ import torch
 
 from neuron_torch import DeepNetwork
 from neuron_torch.nn.optim import UPDATE_RULES, Adam, GradientDescent, make_update_rule
+from neuron_torch.nn import optim
+from neuron_torch.nn.networks import SingleNeuron
 
 DTYPE = torch.float64
 STEPS = 100
@@ -145,3 +147,30 @@ def test_momentum_out_of_range_raises(momentum):
 def test_adam_betas_out_of_range_raise(betas):
     with pytest.raises(ValueError, match="betas"):
         Adam(params(), 0.1, betas=betas)
+
+
+@pytest.mark.parametrize("name", sorted(optim.RULES))
+def test_a_step_without_any_gradient_changes_nothing(name):
+    # Lightning counts an update once per step() of its optimizer wrapper; the update loop counts updates it
+    # has already applied with such steps, every p.grad None: each rule must then leave everything as it is
+    net = SingleNeuron(3).double()
+    with torch.no_grad():
+        net.linear.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64))
+    rule = optim.make_update_rule(name, net.parameters(), 0.1)
+    X, Y = torch.randn(8, 3, dtype=torch.float64), (torch.rand(8, 1) > 0.5).double()
+    bp = net.forward_backward(X, Y)
+    for pname, p in net.named_parameters():
+        p.grad = bp.gradients[pname]
+    rule.step(hessian=net.hessian(X)) if name == "newton" else rule.step()  # state worth keeping
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in rule.state.items()}
+    for p in net.parameters():
+        p.grad = None
+    rule.step()
+    for p, saved in zip(net.parameters(), before):
+        assert torch.equal(p, saved)
+    for p, s in rule.state.items():
+        assert s.keys() == state[id(p)].keys()
+        for key, value in s.items():
+            saved = state[id(p)][key]
+            assert torch.equal(value, saved) if torch.is_tensor(value) else value == saved

@@ -244,9 +244,10 @@ class NeuronDataModule(L.LightningDataModule):
         self._read()
         hp = self.hparams
         # from the training rows' class totals, before any run exists: a weight that cannot be is told now
-        self.class_weight = class_weights(hp.class_weight, self._classes, self._class_totals())
+        totals = self._class_totals()
+        self.class_weight = class_weights(hp.class_weight, self._classes, totals)
         self._summary = DataSummary(tuple(self._feature_names), tuple(self._classes), self.mean, self.std,
-                                    self._class_totals(), self.streamed is not None)
+                                    totals, self.streamed is not None, hp.class_weight)
 
     @property
     def summary(self) -> DataSummary:

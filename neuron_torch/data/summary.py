@@ -22,6 +22,9 @@ class DataSummary:
         them with its weights, so that it takes raw features.
     class_totals : ndarray, shape (k,)
         Each class's training rows, or their total sample weight with a weight column.
+    class_weight : "balanced", dict or None
+        The class weights the rows are weighed with (``NeuronDataModule(class_weight=...)``, which the command
+        line links from ``model.class_weight``); the model checks that it asked for the same.
     streamed : bool
         Whether the table is streamed from its shards (too large for memory): its metrics then keep a fixed-size
         state, not every prediction.
@@ -33,3 +36,4 @@ class DataSummary:
     std: np.ndarray
     class_totals: np.ndarray
     streamed: bool
+    class_weight: object = None

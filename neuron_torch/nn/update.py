@@ -68,7 +68,9 @@ def apply_update(net, rule: torch.optim.Optimizer, batch: Batch, *, hessian: boo
                                 schedule=schedule, snapshot=snapshot, parameters=parameters)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         bp = net.forward_backward(*batch)
-        H = net.hessian(*batch[:1], *batch[2:]) if hessian else None
+        # the Hessian is one more pass over X: taken here only when the ranks must sum it, else once the update
+        # is known to step (the estimator's last, converged iteration takes none)
+        H = net.hessian(*batch[:1], *batch[2:]) if hessian and reduce is not None else None
         m = (batch[2].sum() if len(batch) > 2 else float(batch[0].shape[0])) if reduce is not None else None
     else:
         bp = full_batch(net, batch, hessian)
@@ -79,6 +81,8 @@ def apply_update(net, rule: torch.optim.Optimizer, batch: Batch, *, hessian: boo
     kept = net.snapshot(loss, gradients, bp) if snapshot else None
     if before_step is not None and before_step(gradients):
         return Update(kept, loss, gradients, False)
+    if hessian and H is None:
+        H = net.hessian(*batch[:1], *batch[2:])
     for name, p in (net.named_parameters() if parameters is None else parameters.items()):
         p.grad = gradients[name]
     if H is None:

@@ -10,8 +10,11 @@ does Lightning count the updates kept, one ``step()`` of its optimizer wrapper e
 Lightning validates after training step ``b`` when ``(b + 1) % val_check_batch == 0``. The updates done after
 step ``b`` are ``(b + 1)·k − offset`` (``k`` = ``updates_per_step``), with ``offset`` fixed at a fit's first step, a
 multiple of the validation interval in updates chosen so that validation falls on the same updates whatever
-step count a resumed checkpoint restored. On a fresh fit ``offset`` is 0; a run resumed with another
-``updates_per_step`` may begin with steps that run fewer updates than ``k``, or none, until the counts agree.
+step count a resumed checkpoint restored. On a fresh fit, and on a resume with the same ``updates_per_step``,
+``offset`` is 0 and every step runs ``k`` updates. A run resumed with another ``updates_per_step`` may begin
+with steps that run no update, or one step that runs several times ``k``, until the counts agree; a
+``ModelCheckpoint(every_n_train_steps=n)`` sees the update count at step ends only, so such a step can save the
+resumed state once more, or pass over a multiple of ``n``.
 """
 
 from __future__ import annotations

@@ -132,7 +132,17 @@ class NeuronModule(L.LightningModule):
         return ["train/loss", "train/grad_norm", *self.net.tracked_names(self.feature_names, self.classes)]
 
     def use_data(self, summary: DataSummary) -> None:
-        """Take what the model keeps of its data: the standardisation, and metrics that fit the split's size."""
+        """Take what the model keeps of its data: the standardisation, and metrics that fit the split's size.
+
+        Raises
+        ------
+        ConfigError
+            When the data weighs its rows with other class weights than ``class_weight`` asks for (the data module
+            applies them: give it the same ``class_weight``, as the command line does).
+        """
+        if summary.class_weight != self.hparams.class_weight:
+            raise ConfigError(f"model.class_weight is {self.hparams.class_weight!r} but the data module weighs its rows "
+                              f"with class_weight {summary.class_weight!r}: give NeuronDataModule the same class_weight")
         self.feature_mean.copy_(torch.as_tensor(summary.mean))
         self.feature_std.copy_(torch.as_tensor(summary.std))
         if summary.streamed:  # splits too large to keep every prediction of
