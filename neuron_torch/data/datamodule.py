@@ -230,6 +230,7 @@ class NeuronDataModule(L.LightningDataModule):
         self.streamed = None  # a StreamedTable when the table is larger than the memory budget
         self.class_weight: Optional[np.ndarray] = None  # (k,) each class's weight, fitted in prepare()
         self._summary: Optional[DataSummary] = None
+        self._threads_set = False  # torch's threads lowered once for a streamed table's reading thread
 
     def prepare(self) -> None:
         """Read, check, split and standardise the table, fit the class weights and summarise it; once.
@@ -477,7 +478,7 @@ class NeuronDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare()
-        if (self.streamed is not None and stage == "fit" and not getattr(self, "_threads_set", False)
+        if (self.streamed is not None and stage == "fit" and not self._threads_set
                 and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1):
             self._threads_set = True
             # the reading thread decodes the next chunk while torch computes on this one: leave it a core. With
