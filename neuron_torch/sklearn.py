@@ -34,7 +34,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from neuron_torch.nn.layers import ACTIVATIONS
 from neuron_torch.nn.networks import build_network
 from neuron_torch.nn.optim import NEWTON_MAX_PARAMETERS, UPDATE_RULES, StepFailed, make_update_rule
-from neuron_torch.nn.update import apply_update
+from neuron_torch.nn.update import apply_update, gradient_norm
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -277,7 +277,7 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
 
         def under_tol(gradients: dict[str, torch.Tensor]) -> bool:  # read before each step: stop before it
             nonlocal grad_norm
-            grad_norm = _norm(gradients).item()
+            grad_norm = gradient_norm(gradients).item()
             if grad_norm < self.tol:
                 return True
             if not np.isfinite(grad_norm):
@@ -298,7 +298,7 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
                 losses.append(update.loss)
             else:  # max_iter updates: where they ended decides convergence, and gives the final loss
                 bp = net.forward_backward(*batch)
-                loss, grad_norm = bp.loss, _norm(bp.gradients).item()
+                loss, grad_norm = bp.loss, gradient_norm(bp.gradients).item()
         converged = grad_norm < self.tol
         for p in params.values():
             p.grad = None  # the gradients belong to the fit, not to the fitted network
@@ -432,8 +432,3 @@ class NeuronClassifier(ClassifierMixin, BaseEstimator):
         labels = self.classes_[1:] if len(self.classes_) == 2 else self.classes_
         table = linear_table(self.coef_, self.intercept_, names, labels)
         return table.to_csv(index=False, na_rep="nan", lineterminator="\r\n")  # as Python's csv module writes
-
-
-def _norm(gradients: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm of all gradients together, shape ()."""
-    return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradients.values()]))

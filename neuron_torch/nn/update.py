@@ -92,3 +92,8 @@ def apply_update(net, rule: torch.optim.Optimizer, batch: Batch, *, hessian: boo
     if schedule is not None:
         schedule.step()
     return Update(kept, loss, gradients, True)
+
+
+def gradient_norm(gradients: dict[str, Tensor]) -> Tensor:
+    """Euclidean norm of all gradients together, ``‖(dW, db)‖₂`` over every parameter, shape ()."""
+    return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradients.values()]))

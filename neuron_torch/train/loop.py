@@ -19,9 +19,10 @@ resumed state once more, or pass over a multiple of ``n``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from neuron_torch.data.batches import MiniBatches
 from neuron_torch.data.streaming import StreamedSplit
 from neuron_torch.errors import DataError
 from neuron_torch.nn.optim import StepFailed
-from neuron_torch.nn.update import apply_update
+from neuron_torch.nn.update import Update, apply_update, gradient_norm
 from neuron_torch.train import cuda_graphs
 from neuron_torch.train.distributed import RankSum
 from neuron_torch.train.stopping import GROWTH, LOSS_FLOOR, Stop
@@ -65,7 +66,8 @@ class UpdateLoop:
         self.offset: Optional[int] = None
         self.steps = 0  # training steps of this fit so far
         self.first_step = 0  # Lightning's index of this fit's first training step
-        self.args: dict = {}  # what every update of the running step passes to apply_update
+        self.parameters: dict[str, Tensor] = {}  # the network's, looked up once per step
+        self.update: Callable[..., Update] = apply_update  # one update of the running step (set by run)
 
     def run(self, batch, batch_idx: int) -> Step:
         """The updates of one training step on ``batch``: ``(X, Y[, W])`` or a streamed split, reused by every
@@ -76,11 +78,12 @@ class UpdateLoop:
         batches = batch.take(n) if isinstance(batch, MiniBatches) else [batch] * n
         optimizer = module.optimizers()
         rule, schedule = optimizer.optimizer, module.lr_schedulers()
-        parameters = dict(self.net.named_parameters())  # looked up once per step, not per update
-        self.args = {"hessian": self.newton, "schedule": schedule, "parameters": parameters}
+        parameters = self.parameters = dict(self.net.named_parameters())  # looked up once per step, not per update
         start = _saved(parameters.values(), rule, schedule)  # what a failed check rolls back to
         ranks = (RankSum(trainer.strategy, trainer.world_size, self._signalled, isinstance(batch, StreamedSplit))
                  if trainer.world_size > 1 else None)
+        self.update = functools.partial(apply_update if ranks is None else ranks.update, self.net, rule,
+                                        hessian=self.newton, schedule=schedule, parameters=parameters)
         snapshots, flags, failed, stop, converged_at = [], [], None, None, None
         graphed = self._graphed_updates(batches, rule, schedule)
         if graphed is not None:
@@ -90,8 +93,7 @@ class UpdateLoop:
                 stop = Stop("interrupted", signum=module.stop_signals.signum)
                 break
             try:
-                update = (apply_update(self.net, rule, b, **self.args) if ranks is None
-                          else ranks.update(self.net, rule, b, **self.args))
+                update = self.update(b)
             except StepFailed as err:  # Newton: no step can be computed from this state
                 failed = str(err)
                 break
@@ -101,12 +103,12 @@ class UpdateLoop:
             snapshots.append(update.snapshot)
             if ranks is not None:
                 flags.append(ranks.signals)
-            if self.tol > 0 and _norm(update.gradients).item() < self.tol:  # read only when it can stop training
+            if self.tol > 0 and gradient_norm(update.gradients).item() < self.tol:  # read only when it can stop training
                 converged_at = done + i + 1  # the updates run, this one included
                 trainer.should_stop = True
                 break
         rows = self.net.tracked_rows(torch.stack(snapshots)) if snapshots else self._no_rows()
-        rows, checked = self._checked(rows, flags, failed, start, batches, done, rule, schedule, ranks)
+        rows, checked = self._checked(rows, flags, failed, start, batches, done, rule, schedule)
         stop = checked or stop
         _count(parameters.values(), optimizer, len(rows))
         if stop is None and batches and (0 <= trainer.max_steps <= done + len(rows) or trainer.should_stop):
@@ -153,7 +155,7 @@ class UpdateLoop:
         trainer = self.module.trainer
         ranks = RankSum(trainer.strategy, trainer.world_size, lambda: False) if trainer.world_size > 1 else None
         update = apply_update(self.net, rule, batch, reduce=ranks, before_step=lambda gradients: True,
-                              parameters=self.args["parameters"])
+                              parameters=self.parameters)
         return self.net.tracked_rows(torch.stack([update.snapshot]))
 
     def _signalled(self) -> bool:
@@ -161,7 +163,7 @@ class UpdateLoop:
         return signals is not None and signals.signum is not None
 
     def _checked(self, rows: Tensor, flags: list, failed: Optional[str], start: tuple, batches: list, done: int,
-                 rule, schedule, ranks: Optional[RankSum]) -> tuple[Tensor, Optional[Stop]]:
+                 rule, schedule) -> tuple[Tensor, Optional[Stop]]:
         """The step's rows once it is checked (finite, not diverging, and under DDP no rank signalled), and why
         training stops here, if it does.
 
@@ -207,10 +209,10 @@ class UpdateLoop:
         if first_bad is None and first_signal is None:
             return rows, None
         if first_bad is not None and (first_signal is None or first_bad <= first_signal):
-            keep = self._replay(start, batches, first_bad, rule, schedule, ranks)
+            keep = self._replay(start, batches, first_bad, rule, schedule)
             return rows[:keep], Stop("diverged", self._divergence_reason(rows, keep, done, failed, limit))
         if first_signal < k:
-            self._replay(start, batches, first_signal, rule, schedule, ranks)
+            self._replay(start, batches, first_signal, rule, schedule)
         signals = self.module.stop_signals
         return rows[:first_signal], Stop("interrupted", signum=signals.signum if self._signalled() else 2)
 
@@ -230,16 +232,13 @@ class UpdateLoop:
         return (f"training diverged at update {update}: {what} (model.learning_rate {self.lr:g}); "
                 f"lower model.learning_rate")
 
-    def _replay(self, start: tuple, batches: list, n: int, rule, schedule, ranks: Optional[RankSum]) -> int:
+    def _replay(self, start: tuple, batches: list, n: int, rule, schedule) -> int:
         """Restore the step's start and run its first ``n`` updates again; fewer while the parameters they
         reach are not finite. Returns the number of updates kept."""
         while True:
             _restore(self._parameters(), rule, schedule, start)
             for b in batches[:n]:
-                if ranks is None:
-                    apply_update(self.net, rule, b, **self.args)
-                else:
-                    ranks.update(self.net, rule, b, **self.args)
+                self.update(b)
             if n == 0 or all(bool(torch.isfinite(p).all()) for p in self._parameters()):
                 return n
             n -= 1
@@ -250,7 +249,7 @@ class UpdateLoop:
 
     def _parameters(self):
         """The network's parameters, in order, as looked up for the running step."""
-        return self.args["parameters"].values()
+        return self.parameters.values()
 
 
 def _count(parameters, optimizer, n: int) -> None:
@@ -260,11 +259,6 @@ def _count(parameters, optimizer, n: int) -> None:
         p.grad = None
     for _ in range(n):
         optimizer.step()
-
-
-def _norm(gradients: dict[str, Tensor]) -> Tensor:
-    """Euclidean norm of all gradients together, shape ()."""
-    return torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in gradients.values()]))
 
 
 def _copied(state: dict) -> dict:
